@@ -1,0 +1,76 @@
+//! One error variant per failure a caller can act on.
+
+use std::path::PathBuf;
+
+/// Every failure the core reports. Messages name the offending value or place.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("blocksize {0} is not supported: use a power of two from 32 to 4096")]
+    InvalidBlocksize(usize),
+
+    #[error("input holds a non-finite value ({value}) at flat index {index}; quantization needs finite numbers")]
+    NonFinite { index: usize, value: f32 },
+
+    #[error("{what}: expected {expected} elements, got {got}")]
+    LengthMismatch {
+        what: &'static str,
+        expected: usize,
+        got: usize,
+    },
+
+    #[error("codebook must hold {expected} finite values sorted ascending ({problem})")]
+    InvalidCodebook {
+        expected: usize,
+        problem: &'static str,
+    },
+
+    #[error("shape {rows}x{cols} needs {needed} elements but the input has {len}")]
+    ShapeMismatch {
+        rows: usize,
+        cols: usize,
+        needed: usize,
+        len: usize,
+    },
+
+    #[error("outlier threshold must be finite and >= 0, got {0}")]
+    InvalidThreshold(f32),
+
+    #[error("size overflow computing {0}")]
+    SizeOverflow(&'static str),
+
+    #[error("unknown quantization type {0:?}: expected \"nf4\" or \"fp4\"")]
+    UnknownQuantType(String),
+
+    #[error("unknown dtype {0:?}")]
+    UnknownDtype(String),
+
+    #[error("{path}: {source}")]
+    Safetensors {
+        path: PathBuf,
+        #[source]
+        source: crate::safetensors::FormatError,
+    },
+
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Block sizes bitsandbytes supports for block-wise quantization.
+pub fn check_blocksize(blocksize: usize) -> Result<()> {
+    if (32..=4096).contains(&blocksize) && blocksize.is_power_of_two() {
+        Ok(())
+    } else {
+        Err(Error::InvalidBlocksize(blocksize))
+    }
+}
+
+/// Number of blocks covering `n` elements (the last block may be partial).
+pub fn num_blocks(n: usize, blocksize: usize) -> usize {
+    n.div_ceil(blocksize)
+}
