@@ -1,1 +1,577 @@
+//! nybble._core: thin PyO3 bindings over nybble-core.
+//!
+//! Arrays cross as 1-D contiguous numpy arrays without copies: float32 as float32, float16
+//! and bfloat16 as uint16 bit patterns plus a dtype name (numpy has no bfloat16; the Python
+//! layer views ml_dtypes / torch tensors this way). Work runs with the GIL released on a
+//! rayon pool of the requested size.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use half::{bf16, f16};
+use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyUntypedArrayMethods};
+use pyo3::create_exception;
+use pyo3::exceptions::{PyOSError, PyOverflowError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use nybble_core::codebook::{self, QuantType4};
+use nybble_core::element::FloatDtype;
+use nybble_core::int8::Granularity;
+use nybble_core::{blockwise, double_quant, int8, stats, Error};
+
+create_exception!(_core, NonFiniteError, PyValueError, "An input holds NaN or Inf.");
+create_exception!(
+    _core,
+    CorruptFileError,
+    PyValueError,
+    "A file is not a valid safetensors / packed checkpoint."
+);
+
+fn to_py_err(e: Error) -> PyErr {
+    let msg = e.to_string();
+    match e {
+        Error::NonFinite { .. } => NonFiniteError::new_err(msg),
+        Error::SizeOverflow(_) => PyOverflowError::new_err(msg),
+        Error::Io { .. } => PyOSError::new_err(msg),
+        Error::Safetensors { .. } => CorruptFileError::new_err(msg),
+        _ => PyValueError::new_err(msg),
+    }
+}
+
+// ---------------------------------------------------------------- thread pools
+
+/// 0 means "rayon's default" (one thread per core).
+static DEFAULT_THREADS: AtomicUsize = AtomicUsize::new(0);
+static POOLS: OnceLock<Mutex<HashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
+
+fn pool(threads: Option<usize>) -> PyResult<Arc<rayon::ThreadPool>> {
+    let n = match threads.unwrap_or_else(|| DEFAULT_THREADS.load(Ordering::Relaxed)) {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let mut pools = POOLS.get_or_init(Default::default).lock().unwrap();
+    if let Some(p) = pools.get(&n) {
+        return Ok(p.clone());
+    }
+    let p = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .thread_name(|i| format!("nybble-{i}"))
+        .build()
+        .map_err(|e| PyValueError::new_err(format!("cannot start {n} threads: {e}")))?;
+    let p = Arc::new(p);
+    pools.insert(n, p.clone());
+    Ok(p)
+}
+
+/// Runs `f` with the GIL released on the pool for `threads`.
+fn run<R: Send>(
+    py: Python<'_>,
+    threads: Option<usize>,
+    f: impl FnOnce() -> nybble_core::Result<R> + Send,
+) -> PyResult<R> {
+    let p = pool(threads)?;
+    py.detach(|| p.install(f)).map_err(to_py_err)
+}
+
+/// Sets the default number of worker threads (0: one per core).
+#[pyfunction]
+fn set_num_threads(n: usize) {
+    DEFAULT_THREADS.store(n, Ordering::Relaxed);
+}
+
+/// The default number of worker threads used when a call passes none.
+#[pyfunction]
+fn get_num_threads() -> usize {
+    match DEFAULT_THREADS.load(Ordering::Relaxed) {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+}
+
+// ---------------------------------------------------------------- float arrays
+
+/// A 1-D contiguous float input: float32, or 16-bit patterns of float16 / bfloat16.
+enum FloatIn<'py> {
+    F32(PyReadonlyArray1<'py, f32>),
+    Bits16(PyReadonlyArray1<'py, u16>, FloatDtype),
+}
+
+fn float_in<'py>(x: &Bound<'py, PyAny>, dtype: &str) -> PyResult<FloatIn<'py>> {
+    let dt = FloatDtype::parse(dtype).map_err(to_py_err)?;
+    let arr = match dt {
+        FloatDtype::F32 => FloatIn::F32(x.extract().map_err(|_| {
+            PyValueError::new_err("dtype float32 needs a 1-D float32 numpy array")
+        })?),
+        _ => FloatIn::Bits16(
+            x.extract().map_err(|_| {
+                PyValueError::new_err(format!(
+                    "dtype {dtype} needs a 1-D uint16 numpy array of its bit patterns"
+                ))
+            })?,
+            dt,
+        ),
+    };
+    let contiguous = match &arr {
+        FloatIn::F32(a) => a.is_c_contiguous(),
+        FloatIn::Bits16(a, _) => a.is_c_contiguous(),
+    };
+    if !contiguous {
+        return Err(PyValueError::new_err("input array must be C-contiguous"));
+    }
+    Ok(arr)
+}
+
+fn u16_as<T>(s: &[u16]) -> &[T] {
+    // SAFETY: f16 and bf16 are repr(transparent) over u16.
+    unsafe { std::slice::from_raw_parts(s.as_ptr() as *const T, s.len()) }
+}
+
+fn u16_as_mut<T>(s: &mut [u16]) -> &mut [T] {
+    // SAFETY: f16 and bf16 are repr(transparent) over u16.
+    unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr() as *mut T, s.len()) }
+}
+
+/// Calls `$body` with `$s` bound to the input as a typed slice.
+macro_rules! with_floats {
+    ($input:expr, |$s:ident| $body:expr) => {
+        match &$input {
+            FloatIn::F32(a) => {
+                let $s: &[f32] = a.as_slice()?;
+                $body
+            }
+            FloatIn::Bits16(a, FloatDtype::F16) => {
+                let $s: &[f16] = u16_as(a.as_slice()?);
+                $body
+            }
+            FloatIn::Bits16(a, _) => {
+                let $s: &[bf16] = u16_as(a.as_slice()?);
+                $body
+            }
+        }
+    };
+}
+
+/// Allocates a float output of `n` elements (uint16 bits for 16-bit types) and fills it.
+fn float_out<'py>(
+    py: Python<'py>,
+    n: usize,
+    dtype: &str,
+    threads: Option<usize>,
+    fill: impl Fn(FloatOut<'_>) -> nybble_core::Result<()> + Send + Sync,
+) -> PyResult<Bound<'py, PyAny>> {
+    let dt = FloatDtype::parse(dtype).map_err(to_py_err)?;
+    match dt {
+        FloatDtype::F32 => {
+            let out = PyArray1::<f32>::zeros(py, n, false);
+            {
+                let mut rw = out.readwrite();
+                let s = rw.as_slice_mut()?;
+                run(py, threads, || fill(FloatOut::F32(s)))?;
+            }
+            Ok(out.into_any())
+        }
+        _ => {
+            let out = PyArray1::<u16>::zeros(py, n, false);
+            {
+                let mut rw = out.readwrite();
+                let s = rw.as_slice_mut()?;
+                run(py, threads, || {
+                    if dt == FloatDtype::F16 {
+                        fill(FloatOut::F16(u16_as_mut(s)))
+                    } else {
+                        fill(FloatOut::BF16(u16_as_mut(s)))
+                    }
+                })?;
+            }
+            Ok(out.into_any())
+        }
+    }
+}
+
+enum FloatOut<'a> {
+    F32(&'a mut [f32]),
+    F16(&'a mut [f16]),
+    BF16(&'a mut [bf16]),
+}
+
+macro_rules! with_out {
+    ($out:expr, |$s:ident| $body:expr) => {
+        match $out {
+            FloatOut::F32($s) => $body,
+            FloatOut::F16($s) => $body,
+            FloatOut::BF16($s) => $body,
+        }
+    };
+}
+
+fn contiguous<'py, T: numpy::Element>(a: &PyReadonlyArray1<'py, T>, what: &str) -> PyResult<()> {
+    if a.is_c_contiguous() {
+        Ok(())
+    } else {
+        Err(PyValueError::new_err(format!("{what} must be C-contiguous")))
+    }
+}
+
+fn vec_out<'py, T: numpy::Element>(py: Python<'py>, v: Vec<T>) -> Bound<'py, PyArray1<T>> {
+    PyArray1::from_vec(py, v)
+}
+
+// ---------------------------------------------------------------- 4-bit
+
+/// Block-wise 4-bit quantization. Returns (packed uint8 ((n+1)//2,), absmax float32 (nblocks,)).
+#[pyfunction]
+#[pyo3(signature = (x, dtype, blocksize, quant_type, threads=None))]
+fn quantize_4bit<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    dtype: &str,
+    blocksize: usize,
+    quant_type: &str,
+    threads: Option<usize>,
+) -> PyResult<(Bound<'py, PyArray1<u8>>, Bound<'py, PyArray1<f32>>)> {
+    let qt = QuantType4::parse(quant_type).map_err(to_py_err)?;
+    let input = float_in(x, dtype)?;
+    nybble_core::error::check_blocksize(blocksize).map_err(to_py_err)?;
+    let n = match &input {
+        FloatIn::F32(a) => a.len(),
+        FloatIn::Bits16(a, _) => a.len(),
+    };
+    let packed = PyArray1::<u8>::zeros(py, blockwise::packed_len(n), false);
+    let absmax = PyArray1::<f32>::zeros(py, nybble_core::error::num_blocks(n, blocksize), false);
+    {
+        let mut p = packed.readwrite();
+        let mut a = absmax.readwrite();
+        let (ps, as_) = (p.as_slice_mut()?, a.as_slice_mut()?);
+        with_floats!(input, |s| run(py, threads, || {
+            blockwise::quantize_4bit_into(s, blocksize, qt, ps, as_)
+        })?);
+    }
+    Ok((packed, absmax))
+}
+
+/// Block-wise 4-bit dequantization of `n` elements into `out_dtype` (16-bit types as uint16 bits).
+#[pyfunction]
+#[pyo3(signature = (packed, absmax, n, blocksize, quant_type, out_dtype, threads=None))]
+#[allow(clippy::too_many_arguments)]
+fn dequantize_4bit<'py>(
+    py: Python<'py>,
+    packed: PyReadonlyArray1<'py, u8>,
+    absmax: PyReadonlyArray1<'py, f32>,
+    n: usize,
+    blocksize: usize,
+    quant_type: &str,
+    out_dtype: &str,
+    threads: Option<usize>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let qt = QuantType4::parse(quant_type).map_err(to_py_err)?;
+    contiguous(&packed, "packed")?;
+    contiguous(&absmax, "absmax")?;
+    let (p, a) = (packed.as_slice()?, absmax.as_slice()?);
+    float_out(py, n, out_dtype, threads, |out| {
+        with_out!(out, |o| blockwise::dequantize_4bit_into(p, a, blocksize, qt, o))
+    })
+}
+
+// ---------------------------------------------------------------- 8-bit block-wise
+
+/// Block-wise 8-bit quantization against a sorted 256-entry float32 codebook.
+/// Returns (codes uint8 (n,), absmax float32 (nblocks,)).
+#[pyfunction]
+#[pyo3(signature = (x, dtype, code, blocksize, threads=None))]
+fn quantize_blockwise<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    dtype: &str,
+    code: PyReadonlyArray1<'py, f32>,
+    blocksize: usize,
+    threads: Option<usize>,
+) -> PyResult<(Bound<'py, PyArray1<u8>>, Bound<'py, PyArray1<f32>>)> {
+    let input = float_in(x, dtype)?;
+    contiguous(&code, "code")?;
+    let c = code.as_slice()?;
+    let q = with_floats!(input, |s| run(py, threads, || blockwise::quantize_8bit(s, c, blocksize))?);
+    Ok((vec_out(py, q.codes), vec_out(py, q.absmax)))
+}
+
+/// Block-wise 8-bit dequantization into `out_dtype`.
+#[pyfunction]
+#[pyo3(signature = (codes, absmax, code, blocksize, out_dtype, threads=None))]
+fn dequantize_blockwise<'py>(
+    py: Python<'py>,
+    codes: PyReadonlyArray1<'py, u8>,
+    absmax: PyReadonlyArray1<'py, f32>,
+    code: PyReadonlyArray1<'py, f32>,
+    blocksize: usize,
+    out_dtype: &str,
+    threads: Option<usize>,
+) -> PyResult<Bound<'py, PyAny>> {
+    contiguous(&codes, "codes")?;
+    contiguous(&absmax, "absmax")?;
+    contiguous(&code, "code")?;
+    let (q, a, c) = (codes.as_slice()?, absmax.as_slice()?, code.as_slice()?);
+    float_out(py, q.len(), out_dtype, threads, |out| {
+        with_out!(out, |o| blockwise::dequantize_8bit_into(q, a, c, blocksize, o))
+    })
+}
+
+// ---------------------------------------------------------------- double quantization
+
+/// Double quantization of float32 absmaxes. Returns (codes uint8, nested_absmax float32, offset).
+#[pyfunction]
+#[pyo3(signature = (absmax, code, nested_blocksize=256, threads=None))]
+fn double_quantize<'py>(
+    py: Python<'py>,
+    absmax: PyReadonlyArray1<'py, f32>,
+    code: PyReadonlyArray1<'py, f32>,
+    nested_blocksize: usize,
+    threads: Option<usize>,
+) -> PyResult<(Bound<'py, PyArray1<u8>>, Bound<'py, PyArray1<f32>>, f32)> {
+    contiguous(&absmax, "absmax")?;
+    contiguous(&code, "code")?;
+    let (a, c) = (absmax.as_slice()?, code.as_slice()?);
+    let dq = run(py, threads, || double_quant::double_quantize(a, c, nested_blocksize))?;
+    Ok((vec_out(py, dq.codes), vec_out(py, dq.nested_absmax), dq.offset))
+}
+
+/// Restores float32 absmaxes from double-quantized constants.
+#[pyfunction]
+#[pyo3(signature = (codes, nested_absmax, offset, code, nested_blocksize=256, threads=None))]
+fn double_dequantize<'py>(
+    py: Python<'py>,
+    codes: PyReadonlyArray1<'py, u8>,
+    nested_absmax: PyReadonlyArray1<'py, f32>,
+    offset: f32,
+    code: PyReadonlyArray1<'py, f32>,
+    nested_blocksize: usize,
+    threads: Option<usize>,
+) -> PyResult<Bound<'py, PyArray1<f32>>> {
+    contiguous(&codes, "codes")?;
+    contiguous(&nested_absmax, "nested_absmax")?;
+    contiguous(&code, "code")?;
+    let (q, n, c) = (codes.as_slice()?, nested_absmax.as_slice()?, code.as_slice()?);
+    let v = run(py, threads, || {
+        double_quant::double_dequantize(q, n, offset, c, nested_blocksize)
+    })?;
+    Ok(vec_out(py, v))
+}
+
+/// Bits per parameter of a 4-bit tensor of `n` elements with its block constants.
+#[pyfunction]
+fn bits_per_parameter(n: usize, blocksize: usize, double_quant: bool) -> f64 {
+    double_quant::bits_per_parameter(n, blocksize, double_quant)
+}
+
+// ---------------------------------------------------------------- int8
+
+fn granularity(name: &str) -> PyResult<Granularity> {
+    Granularity::parse(name).map_err(|_| {
+        PyValueError::new_err(format!(
+            "unknown granularity {name:?}: expected \"tensor\", \"row\" or \"column\""
+        ))
+    })
+}
+
+/// Symmetric absmax int8 of a rows x cols matrix. Returns (q int8 (n,), absmax float32 (groups,)).
+#[pyfunction]
+#[pyo3(signature = (x, dtype, rows, cols, granularity_name, threads=None))]
+fn int8_quantize_absmax<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    dtype: &str,
+    rows: usize,
+    cols: usize,
+    granularity_name: &str,
+    threads: Option<usize>,
+) -> PyResult<(Bound<'py, PyArray1<i8>>, Bound<'py, PyArray1<f32>>)> {
+    let g = granularity(granularity_name)?;
+    let input = float_in(x, dtype)?;
+    let r = with_floats!(input, |s| run(py, threads, || int8::quantize_absmax(s, rows, cols, g))?);
+    Ok((vec_out(py, r.q), vec_out(py, r.absmax)))
+}
+
+#[pyfunction]
+#[pyo3(signature = (q, absmax, rows, cols, granularity_name, threads=None))]
+fn int8_dequantize_absmax<'py>(
+    py: Python<'py>,
+    q: PyReadonlyArray1<'py, i8>,
+    absmax: PyReadonlyArray1<'py, f32>,
+    rows: usize,
+    cols: usize,
+    granularity_name: &str,
+    threads: Option<usize>,
+) -> PyResult<Bound<'py, PyArray1<f32>>> {
+    let g = granularity(granularity_name)?;
+    contiguous(&q, "q")?;
+    contiguous(&absmax, "absmax")?;
+    let (qs, a) = (q.as_slice()?, absmax.as_slice()?);
+    let v = run(py, threads, || int8::dequantize_absmax(qs, a, rows, cols, g))?;
+    Ok(vec_out(py, v))
+}
+
+/// Zero-point int8. Returns (q int8, scale float32, zero_point float32).
+#[pyfunction]
+#[pyo3(signature = (x, dtype, rows, cols, granularity_name, threads=None))]
+#[allow(clippy::type_complexity)]
+fn int8_quantize_zeropoint<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    dtype: &str,
+    rows: usize,
+    cols: usize,
+    granularity_name: &str,
+    threads: Option<usize>,
+) -> PyResult<(
+    Bound<'py, PyArray1<i8>>,
+    Bound<'py, PyArray1<f32>>,
+    Bound<'py, PyArray1<f32>>,
+)> {
+    let g = granularity(granularity_name)?;
+    let input = float_in(x, dtype)?;
+    let r = with_floats!(input, |s| run(py, threads, || int8::quantize_zeropoint(s, rows, cols, g))?);
+    Ok((vec_out(py, r.q), vec_out(py, r.scale), vec_out(py, r.zero_point)))
+}
+
+#[pyfunction]
+#[pyo3(signature = (q, scale, zero_point, rows, cols, granularity_name, threads=None))]
+#[allow(clippy::too_many_arguments)]
+fn int8_dequantize_zeropoint<'py>(
+    py: Python<'py>,
+    q: PyReadonlyArray1<'py, i8>,
+    scale: PyReadonlyArray1<'py, f32>,
+    zero_point: PyReadonlyArray1<'py, f32>,
+    rows: usize,
+    cols: usize,
+    granularity_name: &str,
+    threads: Option<usize>,
+) -> PyResult<Bound<'py, PyArray1<f32>>> {
+    let g = granularity(granularity_name)?;
+    contiguous(&q, "q")?;
+    contiguous(&scale, "scale")?;
+    contiguous(&zero_point, "zero_point")?;
+    let (qs, s, z) = (q.as_slice()?, scale.as_slice()?, zero_point.as_slice()?);
+    let v = run(py, threads, || int8::dequantize_zeropoint(qs, s, z, rows, cols, g))?;
+    Ok(vec_out(py, v))
+}
+
+/// Columns of a rows x cols matrix holding any |x| >= threshold, as int64.
+#[pyfunction]
+#[pyo3(signature = (x, dtype, rows, cols, threshold, threads=None))]
+fn int8_outlier_columns<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    dtype: &str,
+    rows: usize,
+    cols: usize,
+    threshold: f32,
+    threads: Option<usize>,
+) -> PyResult<Bound<'py, PyArray1<i64>>> {
+    let input = float_in(x, dtype)?;
+    let cols_found =
+        with_floats!(input, |s| run(py, threads, || int8::outlier_columns(s, rows, cols, threshold))?);
+    Ok(vec_out(py, cols_found.into_iter().map(|c| c as i64).collect()))
+}
+
+/// LLM.int8() vector-wise quantization. Returns (q int8, row_absmax float32, outlier_cols int64).
+#[pyfunction]
+#[pyo3(signature = (x, dtype, rows, cols, threshold, threads=None))]
+#[allow(clippy::type_complexity)]
+fn int8_vectorwise_quant<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    dtype: &str,
+    rows: usize,
+    cols: usize,
+    threshold: f32,
+    threads: Option<usize>,
+) -> PyResult<(
+    Bound<'py, PyArray1<i8>>,
+    Bound<'py, PyArray1<f32>>,
+    Bound<'py, PyArray1<i64>>,
+)> {
+    let input = float_in(x, dtype)?;
+    let r = with_floats!(input, |s| run(py, threads, || int8::vectorwise_quant(s, rows, cols, threshold))?);
+    let oc: Vec<i64> = r.outlier_cols.into_iter().map(|c| c as i64).collect();
+    Ok((vec_out(py, r.q), vec_out(py, r.row_absmax), vec_out(py, oc)))
+}
+
+// ---------------------------------------------------------------- stats and codebooks
+
+/// Error statistics of `b` against reference `a`: dict with n, rmse, max_abs, mean_abs, sqnr_db.
+#[pyfunction]
+#[pyo3(signature = (a, a_dtype, b, b_dtype, threads=None))]
+fn error_stats<'py>(
+    py: Python<'py>,
+    a: &Bound<'py, PyAny>,
+    a_dtype: &str,
+    b: &Bound<'py, PyAny>,
+    b_dtype: &str,
+    threads: Option<usize>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let ia = float_in(a, a_dtype)?;
+    let ib = float_in(b, b_dtype)?;
+    let s = with_floats!(ia, |sa| with_floats!(ib, |sb| run(py, threads, || stats::error_stats(
+        sa, sb
+    ))?));
+    let d = PyDict::new(py);
+    d.set_item("n", s.n)?;
+    d.set_item("rmse", s.rmse)?;
+    d.set_item("max_abs", s.max_abs)?;
+    d.set_item("mean_abs", s.mean_abs)?;
+    d.set_item("sqnr_db", s.sqnr_db)?;
+    Ok(d)
+}
+
+/// The 16-entry code table of "nf4" or "fp4" (index = 4-bit code).
+#[pyfunction]
+fn code_4bit<'py>(py: Python<'py>, quant_type: &str) -> PyResult<Bound<'py, PyArray1<f32>>> {
+    let qt = QuantType4::parse(quant_type).map_err(to_py_err)?;
+    Ok(vec_out(py, qt.table().to_vec()))
+}
+
+/// NF4 built from normal quantiles (QLoRA's construction).
+#[pyfunction]
+#[pyo3(signature = (offset=codebook::NF4_OFFSET))]
+fn nf4_from_normal_quantiles(py: Python<'_>, offset: f64) -> PyResult<Bound<'_, PyArray1<f32>>> {
+    if !(0.5 < offset && offset < 1.0) {
+        return Err(PyValueError::new_err(format!(
+            "offset must lie in (0.5, 1), got {offset}"
+        )));
+    }
+    Ok(vec_out(py, codebook::nf4_from_normal_quantiles(offset).to_vec()))
+}
+
+/// bitsandbytes' 256-entry dynamic map (signed: first Adam moment and DQ; unsigned: second moment).
+#[pyfunction]
+#[pyo3(signature = (signed=true))]
+fn dynamic_map(py: Python<'_>, signed: bool) -> Bound<'_, PyArray1<f32>> {
+    vec_out(py, codebook::dynamic_map(signed).to_vec())
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("NonFiniteError", m.py().get_type::<NonFiniteError>())?;
+    m.add("CorruptFileError", m.py().get_type::<CorruptFileError>())?;
+    m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(quantize_4bit, m)?)?;
+    m.add_function(wrap_pyfunction!(dequantize_4bit, m)?)?;
+    m.add_function(wrap_pyfunction!(quantize_blockwise, m)?)?;
+    m.add_function(wrap_pyfunction!(dequantize_blockwise, m)?)?;
+    m.add_function(wrap_pyfunction!(double_quantize, m)?)?;
+    m.add_function(wrap_pyfunction!(double_dequantize, m)?)?;
+    m.add_function(wrap_pyfunction!(bits_per_parameter, m)?)?;
+    m.add_function(wrap_pyfunction!(int8_quantize_absmax, m)?)?;
+    m.add_function(wrap_pyfunction!(int8_dequantize_absmax, m)?)?;
+    m.add_function(wrap_pyfunction!(int8_quantize_zeropoint, m)?)?;
+    m.add_function(wrap_pyfunction!(int8_dequantize_zeropoint, m)?)?;
+    m.add_function(wrap_pyfunction!(int8_outlier_columns, m)?)?;
+    m.add_function(wrap_pyfunction!(int8_vectorwise_quant, m)?)?;
+    m.add_function(wrap_pyfunction!(error_stats, m)?)?;
+    m.add_function(wrap_pyfunction!(code_4bit, m)?)?;
+    m.add_function(wrap_pyfunction!(nf4_from_normal_quantiles, m)?)?;
+    m.add_function(wrap_pyfunction!(dynamic_map, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,213 @@
+"""Block-wise 4-bit (NF4 / FP4) and 8-bit quantization on numpy arrays and CPU torch tensors.
+
+Bit-compatible with bitsandbytes: the tensor is flattened row-major, split into blocks of
+``blocksize`` elements (blocks may span rows), each block scaled by its float32 absmax and
+mapped to the nearest code. Two 4-bit codes share a byte, element ``2j`` in the high nibble.
+With ``double_quant=True`` the absmaxes are themselves quantized to 8 bits (QLoRA's DQ).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import _core
+from ._arrays import dtype_name, flat_floats, from_core, like_input, to_numpy
+from .codebooks import code_4bit, dynamic_map
+
+QUANT_TYPES = ("nf4", "fp4")
+NESTED_BLOCKSIZE = 256
+
+
+@dataclass
+class NestedState:
+    """Double-quantized absmax: ``absmax = code[q] * nested_absmax[i // blocksize] + offset``."""
+
+    nested_absmax: np.ndarray  # float32 (ceil(nblocks / blocksize),)
+    offset: float
+    code: np.ndarray = field(default_factory=lambda: dynamic_map(signed=True))
+    blocksize: int = NESTED_BLOCKSIZE
+
+
+@dataclass
+class QuantState4bit:
+    """Everything needed to decode a packed 4-bit tensor (bitsandbytes' QuantState)."""
+
+    shape: tuple[int, ...]
+    dtype: str  # original dtype: "float32" | "float16" | "bfloat16"
+    blocksize: int
+    quant_type: str  # "nf4" | "fp4"
+    absmax: np.ndarray  # float32 (nblocks,), or uint8 codes when ``nested`` is set
+    nested: NestedState | None = None
+    code: np.ndarray = field(default_factory=lambda: code_4bit("nf4"))
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested is not None
+
+    def float_absmax(self, threads: int | None = None) -> np.ndarray:
+        """The float32 absmax per block (decoding the double quantization if present)."""
+        if self.nested is None:
+            return np.ascontiguousarray(self.absmax, dtype=np.float32)
+        n = self.nested
+        return _core.double_dequantize(
+            np.ascontiguousarray(self.absmax, dtype=np.uint8),
+            np.ascontiguousarray(n.nested_absmax, dtype=np.float32),
+            float(n.offset),
+            np.ascontiguousarray(n.code, dtype=np.float32),
+            n.blocksize,
+            threads,
+        )
+
+    def bits_per_parameter(self) -> float:
+        return _core.bits_per_parameter(self.numel, self.blocksize, self.double_quant)
+
+
+def _check_quant_type(quant_type: str) -> str:
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type {quant_type!r} is not one of {QUANT_TYPES}")
+    return quant_type
+
+
+def quantize_4bit(
+    x: Any,
+    blocksize: int = 64,
+    quant_type: str = "nf4",
+    double_quant: bool = False,
+    threads: int | None = None,
+) -> tuple[Any, QuantState4bit]:
+    """Packs ``x`` (float32 / float16 / bfloat16, numpy or CPU torch) into 4-bit codes.
+
+    Returns ``(packed, state)``: ``packed`` is uint8 of shape ``((n + 1) // 2, 1)`` like
+    bitsandbytes (a torch tensor if ``x`` was one). Raises ``NonFiniteError`` naming the
+    position of the first NaN / Inf.
+    """
+    _check_quant_type(quant_type)
+    flat = flat_floats(x)
+    try:
+        packed, absmax = _core.quantize_4bit(flat.array, flat.dtype, blocksize, quant_type, threads)
+    except _core.NonFiniteError as e:
+        raise _core.NonFiniteError(_with_position(str(e), flat.shape)) from None
+    nested = None
+    if double_quant:
+        code = dynamic_map(signed=True)
+        codes, nested_absmax, offset = _core.double_quantize(absmax, code, NESTED_BLOCKSIZE, threads)
+        nested = NestedState(nested_absmax, float(offset), code, NESTED_BLOCKSIZE)
+        absmax = codes
+    state = QuantState4bit(
+        shape=flat.shape,
+        dtype=flat.dtype,
+        blocksize=blocksize,
+        quant_type=quant_type,
+        absmax=absmax,
+        nested=nested,
+        code=code_4bit(quant_type),
+    )
+    return like_input(packed.reshape(-1, 1), flat.torch_out), state
+
+
+def dequantize_4bit(
+    packed: Any,
+    state: QuantState4bit,
+    dtype: Any = None,
+    threads: int | None = None,
+) -> Any:
+    """Decodes a packed 4-bit tensor to ``dtype`` (default: the original dtype), shaped like
+    the original. Returns torch if ``packed`` is a torch tensor."""
+    from ._arrays import is_torch_tensor
+
+    torch_out = is_torch_tensor(packed)
+    out_dtype = dtype_name(dtype) if dtype is not None else state.dtype
+    p = to_numpy(packed, np.uint8).reshape(-1)
+    flat = _core.dequantize_4bit(
+        p,
+        state.float_absmax(threads),
+        state.numel,
+        state.blocksize,
+        _check_quant_type(state.quant_type),
+        out_dtype,
+        threads,
+    )
+    return from_core(flat, out_dtype, tuple(state.shape), torch_out)
+
+
+def quantize_blockwise(
+    x: Any,
+    code: Any = None,
+    blocksize: int = 4096,
+    threads: int | None = None,
+) -> tuple[Any, Any]:
+    """Block-wise 8-bit quantization with a sorted 256-entry codebook (default: the signed
+    dynamic map). Returns ``(codes uint8 shaped like x, absmax float32 (nblocks,))``."""
+    flat = flat_floats(x)
+    code = dynamic_map(signed=True) if code is None else to_numpy(code, np.float32).reshape(-1)
+    try:
+        codes, absmax = _core.quantize_blockwise(flat.array, flat.dtype, code, blocksize, threads)
+    except _core.NonFiniteError as e:
+        raise _core.NonFiniteError(_with_position(str(e), flat.shape)) from None
+    return like_input(codes.reshape(flat.shape), flat.torch_out), like_input(absmax, flat.torch_out)
+
+
+def dequantize_blockwise(
+    codes: Any,
+    absmax: Any,
+    code: Any = None,
+    blocksize: int = 4096,
+    dtype: Any = "float32",
+    threads: int | None = None,
+) -> Any:
+    """Inverse of :func:`quantize_blockwise`: ``code[q] * absmax[block]`` in ``dtype``."""
+    from ._arrays import is_torch_tensor
+
+    torch_out = is_torch_tensor(codes)
+    shape = tuple(codes.shape)
+    code = dynamic_map(signed=True) if code is None else to_numpy(code, np.float32).reshape(-1)
+    out_dtype = dtype_name(dtype)
+    flat = _core.dequantize_blockwise(
+        to_numpy(codes, np.uint8).reshape(-1),
+        to_numpy(absmax, np.float32).reshape(-1),
+        code,
+        blocksize,
+        out_dtype,
+        threads,
+    )
+    return from_core(flat, out_dtype, shape, torch_out)
+
+
+def double_quantize(
+    absmax: Any, nested_blocksize: int = NESTED_BLOCKSIZE, threads: int | None = None
+) -> tuple[np.ndarray, NestedState]:
+    """QLoRA double quantization of float32 block constants: returns (uint8 codes, state)."""
+    code = dynamic_map(signed=True)
+    a = to_numpy(absmax, np.float32).reshape(-1)
+    codes, nested_absmax, offset = _core.double_quantize(a, code, nested_blocksize, threads)
+    return codes, NestedState(nested_absmax, float(offset), code, nested_blocksize)
+
+
+def double_dequantize(codes: Any, nested: NestedState, threads: int | None = None) -> np.ndarray:
+    """Inverse of :func:`double_quantize`."""
+    return _core.double_dequantize(
+        to_numpy(codes, np.uint8).reshape(-1),
+        to_numpy(nested.nested_absmax, np.float32).reshape(-1),
+        float(nested.offset),
+        to_numpy(nested.code, np.float32).reshape(-1),
+        nested.blocksize,
+        threads,
+    )
+
+
+def _with_position(message: str, shape: tuple[int, ...]) -> str:
+    """Adds the multi-dimensional position to the core's flat-index message."""
+    import re
+
+    m = re.search(r"flat index (\d+)", message)
+    if m is None or len(shape) < 2:
+        return message
+    pos = np.unravel_index(int(m.group(1)), shape)
+    return f"{message} (position {tuple(int(i) for i in pos)} of shape {shape})"
