@@ -77,12 +77,13 @@ impl Decider4 {
         match self.quant_type {
             QuantType4::Nf4 => {
                 let b = &self.bounds;
+                // i32 lanes match the f32 compare width, so LLVM vectorizes the count.
                 for (c, &s) in codes.iter_mut().zip(scaled) {
-                    let mut k = 0u8;
+                    let mut k = 0i32;
                     for bound in b {
-                        k += (s > *bound) as u8;
+                        k += (s > *bound) as i32;
                     }
-                    *c = k;
+                    *c = k as u8;
                 }
             }
             QuantType4::Fp4 => {
@@ -119,7 +120,11 @@ fn quantize_block_4bit<T: Element>(
         let f = v.to_f32();
         let a = f.abs();
         amax = if a > amax { a } else { amax };
-        bad |= !(a <= f32::MAX);
+        // Negated so NaN (which compares false) counts as bad, like +-Inf.
+        #[allow(clippy::neg_cmp_op_on_partial_ord)]
+        {
+            bad |= !(a <= f32::MAX);
+        }
         *s = f;
     }
     let divisor = amax.max(MIN_ABSMAX);
@@ -244,7 +249,11 @@ pub fn quantize_4bit_into<T: Element>(
 }
 
 /// Block-wise 4-bit quantization (NF4 or FP4).
-pub fn quantize_4bit<T: Element>(x: &[T], blocksize: usize, quant_type: QuantType4) -> Result<Packed4> {
+pub fn quantize_4bit<T: Element>(
+    x: &[T],
+    blocksize: usize,
+    quant_type: QuantType4,
+) -> Result<Packed4> {
     check_blocksize(blocksize)?;
     let mut packed = vec![0u8; packed_len(x.len())];
     let mut absmax = vec![0.0f32; num_blocks(x.len(), blocksize)];
@@ -263,7 +272,11 @@ fn check_len(what: &'static str, expected: usize, got: usize) -> Result<()> {
     if expected == got {
         Ok(())
     } else {
-        Err(Error::LengthMismatch { what, expected, got })
+        Err(Error::LengthMismatch {
+            what,
+            expected,
+            got,
+        })
     }
 }
 
@@ -390,7 +403,10 @@ pub fn quantize_8bit<T: Element>(x: &[T], code: &[f32], blocksize: usize) -> Res
             for v in xb {
                 let a = v.to_f32().abs();
                 amax = if a > amax { a } else { amax };
-                bad |= !(a <= f32::MAX);
+                #[allow(clippy::neg_cmp_op_on_partial_ord)]
+                {
+                    bad |= !(a <= f32::MAX);
+                }
             }
             let divisor = amax.max(MIN_ABSMAX);
             for (c, v) in cb.iter_mut().zip(xb) {
@@ -456,12 +472,16 @@ mod tests {
 
     fn lcg(seed: u64, n: usize) -> Vec<f32> {
         // Deterministic pseudo-normal values (sum of uniforms) without a rand dependency.
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (0..n)
             .map(|_| {
                 let mut acc = 0.0f32;
                 for _ in 0..4 {
-                    s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    s = s
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
                     acc += ((s >> 40) as f32) / (1u64 << 24) as f32 - 0.5;
                 }
                 acc
@@ -528,7 +548,13 @@ mod tests {
 
     #[test]
     fn codes_match_reference_and_error_is_bounded() {
-        for &(n, bs) in &[(1usize, 64usize), (63, 32), (4097, 64), (10_000, 128), (70_001, 4096)] {
+        for &(n, bs) in &[
+            (1usize, 64usize),
+            (63, 32),
+            (4097, 64),
+            (10_000, 128),
+            (70_001, 4096),
+        ] {
             let x = lcg(n as u64, n);
             let q = quantize_4bit(&x, bs, QuantType4::Nf4).unwrap();
             for (b, block) in x.chunks(bs).enumerate() {
@@ -543,7 +569,8 @@ mod tests {
                     assert_eq!(code, reference_nf4_code(s), "n={n} i={i}");
                 }
             }
-            let y: Vec<f32> = dequantize_4bit(&q.packed, &q.absmax, n, bs, QuantType4::Nf4).unwrap();
+            let y: Vec<f32> =
+                dequantize_4bit(&q.packed, &q.absmax, n, bs, QuantType4::Nf4).unwrap();
             for (b, (xb, yb)) in x.chunks(bs).zip(y.chunks(bs)).enumerate() {
                 // Largest NF4 gap is -0.6962 - (-1): half of it bounds the error.
                 let bound = q.absmax[b] as f64 * 0.1520;
@@ -570,8 +597,10 @@ mod tests {
             quantize_4bit(&xh32, 64, QuantType4::Fp4).unwrap()
         );
         let q = quantize_4bit(&x, 64, QuantType4::Nf4).unwrap();
-        let y32: Vec<f32> = dequantize_4bit(&q.packed, &q.absmax, 1000, 64, QuantType4::Nf4).unwrap();
-        let yb: Vec<bf16> = dequantize_4bit(&q.packed, &q.absmax, 1000, 64, QuantType4::Nf4).unwrap();
+        let y32: Vec<f32> =
+            dequantize_4bit(&q.packed, &q.absmax, 1000, 64, QuantType4::Nf4).unwrap();
+        let yb: Vec<bf16> =
+            dequantize_4bit(&q.packed, &q.absmax, 1000, 64, QuantType4::Nf4).unwrap();
         for (a, b) in y32.iter().zip(&yb) {
             assert_eq!(bf16::from_f32(*a), *b);
         }
@@ -608,7 +637,10 @@ mod tests {
         let q = quantize_4bit(&x, 64, QuantType4::Nf4).unwrap();
         assert!(matches!(
             dequantize_4bit::<f32>(&q.packed, &q.absmax, 12, 64, QuantType4::Nf4),
-            Err(Error::LengthMismatch { what: "packed input", .. })
+            Err(Error::LengthMismatch {
+                what: "packed input",
+                ..
+            })
         ));
         assert!(matches!(
             dequantize_4bit::<f32>(&q.packed, &[], 10, 64, QuantType4::Nf4),

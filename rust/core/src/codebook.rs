@@ -79,33 +79,34 @@ impl QuantType4 {
 }
 
 /// Inverse of the standard normal CDF (Wichura's AS241, about 1e-16 relative accuracy).
+#[allow(clippy::inconsistent_digit_grouping, clippy::excessive_precision)]
 pub fn normal_ppf(p: f64) -> f64 {
     assert!(p > 0.0 && p < 1.0, "normal_ppf needs 0 < p < 1, got {p}");
     let q = p - 0.5;
     if q.abs() <= 0.425 {
         let r = 0.180625 - q * q;
-        let num = ((((((2509.080_928_730_122_7 * r + 33430.575_583_588_128) * r
-            + 67265.770_927_008_700)
+        let num = ((((((2509.080_928_730_122_7 * r + 33_430.575_583_588_13) * r
+            + 67_265.770_927_008_7)
             * r
-            + 45921.953_931_549_871)
+            + 45_921.953_931_549_87)
             * r
-            + 13731.693_765_509_461)
+            + 13_731.693_765_509_46)
             * r
             + 1971.590_950_306_551_3)
             * r
             + 133.141_667_891_784_38)
             * r
             + 3.387_132_872_796_366_5;
-        let den = ((((((5226.495_278_852_545_4 * r + 28729.085_735_721_943) * r
-            + 39307.895_800_092_710)
+        let den = ((((((5_226.495_278_852_545 * r + 28729.085_735_721_943) * r
+            + 39_307.895_800_092_71)
             * r
             + 21213.794_301_586_595)
             * r
-            + 5394.196_021_424_751_1)
+            + 5_394.196_021_424_751)
             * r
-            + 687.187_007_492_057_91)
+            + 687.187_007_492_057_9)
             * r
-            + 42.313_330_701_600_911)
+            + 42.313_330_701_600_91)
             * r
             + 1.0;
         return q * num / den;
@@ -174,7 +175,8 @@ pub fn normal_ppf(p: f64) -> f64 {
     }
 }
 
-/// torch.linspace in float32 (same formula, so the maps below match bitsandbytes bit for bit).
+/// torch.linspace in float32 as its CPU kernel computes it (fused multiply-add from the
+/// nearer end), so the maps below match bitsandbytes bit for bit.
 fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
     if steps == 1 {
         return vec![start];
@@ -184,9 +186,9 @@ fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
     (0..steps)
         .map(|i| {
             if i < halfway {
-                start + step * i as f32
+                step.mul_add(i as f32, start)
             } else {
-                end - step * (steps - i - 1) as f32
+                (-step).mul_add((steps - i - 1) as f32, end)
             }
         })
         .collect()
@@ -343,15 +345,24 @@ mod tests {
     fn codebook_validation_errors() {
         assert!(matches!(
             check_sorted_codebook(&[0.0; 3], 4),
-            Err(Error::InvalidCodebook { problem: "wrong length", .. })
+            Err(Error::InvalidCodebook {
+                problem: "wrong length",
+                ..
+            })
         ));
         assert!(matches!(
             check_sorted_codebook(&[0.0, f32::NAN], 2),
-            Err(Error::InvalidCodebook { problem: "non-finite entry", .. })
+            Err(Error::InvalidCodebook {
+                problem: "non-finite entry",
+                ..
+            })
         ));
         assert!(matches!(
             check_sorted_codebook(&[1.0, 0.0], 2),
-            Err(Error::InvalidCodebook { problem: "not sorted ascending", .. })
+            Err(Error::InvalidCodebook {
+                problem: "not sorted ascending",
+                ..
+            })
         ));
     }
 
@@ -359,6 +370,9 @@ mod tests {
     fn quant_type_parse() {
         assert_eq!(QuantType4::parse("nf4").unwrap(), QuantType4::Nf4);
         assert_eq!(QuantType4::parse("fp4").unwrap(), QuantType4::Fp4);
-        assert!(matches!(QuantType4::parse("int3"), Err(Error::UnknownQuantType(_))));
+        assert!(matches!(
+            QuantType4::parse("int3"),
+            Err(Error::UnknownQuantType(_))
+        ));
     }
 }

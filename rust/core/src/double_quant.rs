@@ -22,7 +22,11 @@ pub struct DoubleQuant {
 
 /// Quantizes first-level absmaxes: `offset = mean(absmax)`, then `absmax - offset`
 /// block-wise 8-bit with `code` (the signed dynamic map) and `nested_blocksize`.
-pub fn double_quantize(absmax: &[f32], code: &[f32], nested_blocksize: usize) -> Result<DoubleQuant> {
+pub fn double_quantize(
+    absmax: &[f32],
+    code: &[f32],
+    nested_blocksize: usize,
+) -> Result<DoubleQuant> {
     check_blocksize(nested_blocksize)?;
     if absmax.is_empty() {
         return Ok(DoubleQuant {
@@ -79,7 +83,14 @@ pub fn double_dequantize(
     nested_blocksize: usize,
 ) -> Result<Vec<f32>> {
     let mut out = vec![0.0f32; codes.len()];
-    double_dequantize_into(codes, nested_absmax, offset, code, nested_blocksize, &mut out)?;
+    double_dequantize_into(
+        codes,
+        nested_absmax,
+        offset,
+        code,
+        nested_blocksize,
+        &mut out,
+    )?;
     Ok(out)
 }
 
@@ -118,7 +129,9 @@ mod tests {
     #[test]
     fn round_trip_is_close() {
         let code = dynamic_map(true);
-        let absmax: Vec<f32> = (0..1000).map(|i| 0.5 + ((i * 37) % 101) as f32 / 100.0).collect();
+        let absmax: Vec<f32> = (0..1000)
+            .map(|i| 0.5 + ((i * 37) % 101) as f32 / 100.0)
+            .collect();
         let dq = double_quantize(&absmax, &code, NESTED_BLOCKSIZE).unwrap();
         assert_eq!(dq.codes.len(), 1000);
         assert_eq!(dq.nested_absmax.len(), 4);

@@ -75,7 +75,9 @@ pub struct Int8Vectorwise {
 }
 
 fn check_shape(len: usize, rows: usize, cols: usize) -> Result<()> {
-    let needed = rows.checked_mul(cols).ok_or(Error::SizeOverflow("rows * cols"))?;
+    let needed = rows
+        .checked_mul(cols)
+        .ok_or(Error::SizeOverflow("rows * cols"))?;
     if needed != len {
         return Err(Error::ShapeMismatch {
             rows,
@@ -271,7 +273,12 @@ fn check_threshold(threshold: f32) -> Result<()> {
 
 /// Columns of a `rows x cols` matrix holding any |x| >= threshold (LLM.int8()'s outlier
 /// feature dimensions). `threshold == 0` disables detection.
-pub fn outlier_columns<T: Element>(x: &[T], rows: usize, cols: usize, threshold: f32) -> Result<Vec<usize>> {
+pub fn outlier_columns<T: Element>(
+    x: &[T],
+    rows: usize,
+    cols: usize,
+    threshold: f32,
+) -> Result<Vec<usize>> {
     check_shape(x.len(), rows, cols)?;
     check_threshold(threshold)?;
     check_finite(x)?;
@@ -376,12 +383,14 @@ mod tests {
         let z = quantize_zeropoint(&x, 1, 4, Granularity::Tensor).unwrap();
         assert_eq!(z.q[0], -128);
         assert_eq!(z.q[3], 127);
-        let back = dequantize_zeropoint(&z.q, &z.scale, &z.zero_point, 1, 4, Granularity::Tensor).unwrap();
+        let back =
+            dequantize_zeropoint(&z.q, &z.scale, &z.zero_point, 1, 4, Granularity::Tensor).unwrap();
         for (a, b) in x.iter().zip(&back) {
             assert!((a - b).abs() <= 3.0 / 255.0 + 1e-6);
         }
         let k = quantize_zeropoint(&[2.5f32; 4], 2, 2, Granularity::Row).unwrap();
-        let back = dequantize_zeropoint(&k.q, &k.scale, &k.zero_point, 2, 2, Granularity::Row).unwrap();
+        let back =
+            dequantize_zeropoint(&k.q, &k.scale, &k.zero_point, 2, 2, Granularity::Row).unwrap();
         assert!(back.iter().all(|v| (*v - 2.5).abs() < 1e-6));
     }
 
@@ -408,14 +417,24 @@ mod tests {
         let x = [1.0f32; 6];
         assert!(matches!(
             quantize_absmax(&x, 4, 2, Granularity::Row),
-            Err(Error::ShapeMismatch { needed: 8, len: 6, .. })
+            Err(Error::ShapeMismatch {
+                needed: 8,
+                len: 6,
+                ..
+            })
         ));
         assert!(matches!(
             quantize_absmax(&x, usize::MAX, 2, Granularity::Row),
             Err(Error::SizeOverflow(_))
         ));
-        assert!(matches!(outlier_columns(&x, 2, 3, -1.0), Err(Error::InvalidThreshold(_))));
-        assert!(matches!(outlier_columns(&x, 2, 3, f32::NAN), Err(Error::InvalidThreshold(_))));
+        assert!(matches!(
+            outlier_columns(&x, 2, 3, -1.0),
+            Err(Error::InvalidThreshold(_))
+        ));
+        assert!(matches!(
+            outlier_columns(&x, 2, 3, f32::NAN),
+            Err(Error::InvalidThreshold(_))
+        ));
         let mut y = x;
         y[5] = f32::NEG_INFINITY;
         assert!(matches!(

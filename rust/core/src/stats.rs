@@ -36,11 +36,8 @@ pub fn error_stats<A: Element, B: Element>(reference: &[A], approx: &[B]) -> Res
             got: approx.len(),
         });
     }
-    for x in [first_non_finite(reference), first_non_finite(approx)].into_iter().flatten() {
-        return Err(Error::NonFinite {
-            index: x.0,
-            value: x.1,
-        });
+    if let Some((index, value)) = first_non_finite(reference).or_else(|| first_non_finite(approx)) {
+        return Err(Error::NonFinite { index, value });
     }
     let s = reference
         .par_iter()

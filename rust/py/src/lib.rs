@@ -5,6 +5,9 @@
 //! layer views ml_dtypes / torch tensors this way). Work runs with the GIL released on a
 //! rayon pool of the requested size.
 
+// Tuples of numpy arrays are the natural return type of these bindings.
+#![allow(clippy::type_complexity)]
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -21,7 +24,12 @@ use nybble_core::element::FloatDtype;
 use nybble_core::int8::Granularity;
 use nybble_core::{blockwise, double_quant, int8, stats, Error};
 
-create_exception!(_core, NonFiniteError, PyValueError, "An input holds NaN or Inf.");
+create_exception!(
+    _core,
+    NonFiniteError,
+    PyValueError,
+    "An input holds NaN or Inf."
+);
 create_exception!(
     _core,
     CorruptFileError,
@@ -100,19 +108,20 @@ enum FloatIn<'py> {
 
 fn float_in<'py>(x: &Bound<'py, PyAny>, dtype: &str) -> PyResult<FloatIn<'py>> {
     let dt = FloatDtype::parse(dtype).map_err(to_py_err)?;
-    let arr = match dt {
-        FloatDtype::F32 => FloatIn::F32(x.extract().map_err(|_| {
-            PyValueError::new_err("dtype float32 needs a 1-D float32 numpy array")
-        })?),
-        _ => FloatIn::Bits16(
-            x.extract().map_err(|_| {
-                PyValueError::new_err(format!(
-                    "dtype {dtype} needs a 1-D uint16 numpy array of its bit patterns"
-                ))
-            })?,
-            dt,
-        ),
-    };
+    let arr =
+        match dt {
+            FloatDtype::F32 => FloatIn::F32(x.extract().map_err(|_| {
+                PyValueError::new_err("dtype float32 needs a 1-D float32 numpy array")
+            })?),
+            _ => FloatIn::Bits16(
+                x.extract().map_err(|_| {
+                    PyValueError::new_err(format!(
+                        "dtype {dtype} needs a 1-D uint16 numpy array of its bit patterns"
+                    ))
+                })?,
+                dt,
+            ),
+        };
     let contiguous = match &arr {
         FloatIn::F32(a) => a.is_c_contiguous(),
         FloatIn::Bits16(a, _) => a.is_c_contiguous(),
@@ -210,7 +219,9 @@ fn contiguous<'py, T: numpy::Element>(a: &PyReadonlyArray1<'py, T>, what: &str) 
     if a.is_c_contiguous() {
         Ok(())
     } else {
-        Err(PyValueError::new_err(format!("{what} must be C-contiguous")))
+        Err(PyValueError::new_err(format!(
+            "{what} must be C-contiguous"
+        )))
     }
 }
 
@@ -270,7 +281,9 @@ fn dequantize_4bit<'py>(
     contiguous(&absmax, "absmax")?;
     let (p, a) = (packed.as_slice()?, absmax.as_slice()?);
     float_out(py, n, out_dtype, threads, |out| {
-        with_out!(out, |o| blockwise::dequantize_4bit_into(p, a, blocksize, qt, o))
+        with_out!(out, |o| blockwise::dequantize_4bit_into(
+            p, a, blocksize, qt, o
+        ))
     })
 }
 
@@ -291,7 +304,9 @@ fn quantize_blockwise<'py>(
     let input = float_in(x, dtype)?;
     contiguous(&code, "code")?;
     let c = code.as_slice()?;
-    let q = with_floats!(input, |s| run(py, threads, || blockwise::quantize_8bit(s, c, blocksize))?);
+    let q = with_floats!(input, |s| run(py, threads, || blockwise::quantize_8bit(
+        s, c, blocksize
+    ))?);
     Ok((vec_out(py, q.codes), vec_out(py, q.absmax)))
 }
 
@@ -312,7 +327,9 @@ fn dequantize_blockwise<'py>(
     contiguous(&code, "code")?;
     let (q, a, c) = (codes.as_slice()?, absmax.as_slice()?, code.as_slice()?);
     float_out(py, q.len(), out_dtype, threads, |out| {
-        with_out!(out, |o| blockwise::dequantize_8bit_into(q, a, c, blocksize, o))
+        with_out!(out, |o| blockwise::dequantize_8bit_into(
+            q, a, c, blocksize, o
+        ))
     })
 }
 
@@ -331,8 +348,14 @@ fn double_quantize<'py>(
     contiguous(&absmax, "absmax")?;
     contiguous(&code, "code")?;
     let (a, c) = (absmax.as_slice()?, code.as_slice()?);
-    let dq = run(py, threads, || double_quant::double_quantize(a, c, nested_blocksize))?;
-    Ok((vec_out(py, dq.codes), vec_out(py, dq.nested_absmax), dq.offset))
+    let dq = run(py, threads, || {
+        double_quant::double_quantize(a, c, nested_blocksize)
+    })?;
+    Ok((
+        vec_out(py, dq.codes),
+        vec_out(py, dq.nested_absmax),
+        dq.offset,
+    ))
 }
 
 /// Restores float32 absmaxes from double-quantized constants.
@@ -350,7 +373,11 @@ fn double_dequantize<'py>(
     contiguous(&codes, "codes")?;
     contiguous(&nested_absmax, "nested_absmax")?;
     contiguous(&code, "code")?;
-    let (q, n, c) = (codes.as_slice()?, nested_absmax.as_slice()?, code.as_slice()?);
+    let (q, n, c) = (
+        codes.as_slice()?,
+        nested_absmax.as_slice()?,
+        code.as_slice()?,
+    );
     let v = run(py, threads, || {
         double_quant::double_dequantize(q, n, offset, c, nested_blocksize)
     })?;
@@ -387,7 +414,9 @@ fn int8_quantize_absmax<'py>(
 ) -> PyResult<(Bound<'py, PyArray1<i8>>, Bound<'py, PyArray1<f32>>)> {
     let g = granularity(granularity_name)?;
     let input = float_in(x, dtype)?;
-    let r = with_floats!(input, |s| run(py, threads, || int8::quantize_absmax(s, rows, cols, g))?);
+    let r = with_floats!(input, |s| run(py, threads, || int8::quantize_absmax(
+        s, rows, cols, g
+    ))?);
     Ok((vec_out(py, r.q), vec_out(py, r.absmax)))
 }
 
@@ -406,7 +435,9 @@ fn int8_dequantize_absmax<'py>(
     contiguous(&q, "q")?;
     contiguous(&absmax, "absmax")?;
     let (qs, a) = (q.as_slice()?, absmax.as_slice()?);
-    let v = run(py, threads, || int8::dequantize_absmax(qs, a, rows, cols, g))?;
+    let v = run(py, threads, || {
+        int8::dequantize_absmax(qs, a, rows, cols, g)
+    })?;
     Ok(vec_out(py, v))
 }
 
@@ -429,8 +460,14 @@ fn int8_quantize_zeropoint<'py>(
 )> {
     let g = granularity(granularity_name)?;
     let input = float_in(x, dtype)?;
-    let r = with_floats!(input, |s| run(py, threads, || int8::quantize_zeropoint(s, rows, cols, g))?);
-    Ok((vec_out(py, r.q), vec_out(py, r.scale), vec_out(py, r.zero_point)))
+    let r = with_floats!(input, |s| run(py, threads, || int8::quantize_zeropoint(
+        s, rows, cols, g
+    ))?);
+    Ok((
+        vec_out(py, r.q),
+        vec_out(py, r.scale),
+        vec_out(py, r.zero_point),
+    ))
 }
 
 #[pyfunction]
@@ -451,7 +488,9 @@ fn int8_dequantize_zeropoint<'py>(
     contiguous(&scale, "scale")?;
     contiguous(&zero_point, "zero_point")?;
     let (qs, s, z) = (q.as_slice()?, scale.as_slice()?, zero_point.as_slice()?);
-    let v = run(py, threads, || int8::dequantize_zeropoint(qs, s, z, rows, cols, g))?;
+    let v = run(py, threads, || {
+        int8::dequantize_zeropoint(qs, s, z, rows, cols, g)
+    })?;
     Ok(vec_out(py, v))
 }
 
@@ -468,9 +507,13 @@ fn int8_outlier_columns<'py>(
     threads: Option<usize>,
 ) -> PyResult<Bound<'py, PyArray1<i64>>> {
     let input = float_in(x, dtype)?;
-    let cols_found =
-        with_floats!(input, |s| run(py, threads, || int8::outlier_columns(s, rows, cols, threshold))?);
-    Ok(vec_out(py, cols_found.into_iter().map(|c| c as i64).collect()))
+    let cols_found = with_floats!(input, |s| run(py, threads, || int8::outlier_columns(
+        s, rows, cols, threshold
+    ))?);
+    Ok(vec_out(
+        py,
+        cols_found.into_iter().map(|c| c as i64).collect(),
+    ))
 }
 
 /// LLM.int8() vector-wise quantization. Returns (q int8, row_absmax float32, outlier_cols int64).
@@ -491,7 +534,9 @@ fn int8_vectorwise_quant<'py>(
     Bound<'py, PyArray1<i64>>,
 )> {
     let input = float_in(x, dtype)?;
-    let r = with_floats!(input, |s| run(py, threads, || int8::vectorwise_quant(s, rows, cols, threshold))?);
+    let r = with_floats!(input, |s| run(py, threads, || int8::vectorwise_quant(
+        s, rows, cols, threshold
+    ))?);
     let oc: Vec<i64> = r.outlier_cols.into_iter().map(|c| c as i64).collect();
     Ok((vec_out(py, r.q), vec_out(py, r.row_absmax), vec_out(py, oc)))
 }
@@ -511,9 +556,9 @@ fn error_stats<'py>(
 ) -> PyResult<Bound<'py, PyDict>> {
     let ia = float_in(a, a_dtype)?;
     let ib = float_in(b, b_dtype)?;
-    let s = with_floats!(ia, |sa| with_floats!(ib, |sb| run(py, threads, || stats::error_stats(
-        sa, sb
-    ))?));
+    let s = with_floats!(ia, |sa| with_floats!(ib, |sb| run(py, threads, || {
+        stats::error_stats(sa, sb)
+    })?));
     let d = PyDict::new(py);
     d.set_item("n", s.n)?;
     d.set_item("rmse", s.rmse)?;
@@ -539,7 +584,10 @@ fn nf4_from_normal_quantiles(py: Python<'_>, offset: f64) -> PyResult<Bound<'_, 
             "offset must lie in (0.5, 1), got {offset}"
         )));
     }
-    Ok(vec_out(py, codebook::nf4_from_normal_quantiles(offset).to_vec()))
+    Ok(vec_out(
+        py,
+        codebook::nf4_from_normal_quantiles(offset).to_vec(),
+    ))
 }
 
 /// bitsandbytes' 256-entry dynamic map (signed: first Adam moment and DQ; unsigned: second moment).

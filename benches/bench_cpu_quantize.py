@@ -1,0 +1,91 @@
+"""CPU throughput of NF4 + double-quant quantize / dequantize against bitsandbytes' CPU path,
+measured in the same run on the same bfloat16 weights.
+
+    python benches/bench_cpu_quantize.py [--threads 2] [--repeats 5] [--json out.json]
+
+Throughput is GB/s of bfloat16 weight (2 bytes per parameter) processed; the best of
+``--repeats`` runs is reported for each side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+import nybble
+
+SHAPES = [(4096, 4096), (4096, 11008)]
+
+
+def best_time(fn, repeats: int) -> float:
+    fn()  # warm-up (thread pool start, page faults, torch.compile of bnb's CPU dequant)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json", type=str, default=None)
+    args = ap.parse_args()
+
+    import bitsandbytes.functional as F
+
+    torch.set_num_threads(args.threads)
+    nybble.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rows = []
+    for shape in SHAPES:
+        w = torch.randn(shape, dtype=torch.float32).to(torch.bfloat16)
+        gb = w.numel() * 2 / 1e9
+
+        def bnb_q():
+            return F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+
+        def nyb_q():
+            return nybble.quantize_4bit(w, blocksize=64, quant_type="nf4", double_quant=True)
+
+        qb, sb = bnb_q()
+        qn, sn = nyb_q()
+
+        def bnb_dq():
+            return F.dequantize_4bit(qb, sb)
+
+        def nyb_dq():
+            return nybble.dequantize_4bit(qn, sn)
+
+        t = {
+            "bnb_quantize": best_time(bnb_q, args.repeats),
+            "nybble_quantize": best_time(nyb_q, args.repeats),
+            "bnb_dequantize": best_time(bnb_dq, args.repeats),
+            "nybble_dequantize": best_time(nyb_dq, args.repeats),
+        }
+        row = {"shape": list(shape), **{k + "_gbps": gb / v for k, v in t.items()}}
+        row["quantize_speedup"] = t["bnb_quantize"] / t["nybble_quantize"]
+        row["dequantize_speedup"] = t["bnb_dequantize"] / t["nybble_dequantize"]
+        rows.append(row)
+
+    print(f"# CPU: {platform.processor() or platform.machine()}, {args.threads} threads, "
+          f"torch {torch.__version__}, bitsandbytes {__import__('bitsandbytes').__version__}")
+    print("| weight (bf16) | op | bitsandbytes GB/s | nybble GB/s | nybble / bnb |")
+    print("|---|---|---:|---:|---:|")
+    for r in rows:
+        s = "x".join(map(str, r["shape"]))
+        print(f"| {s} | NF4+DQ quantize | {r['bnb_quantize_gbps']:.3f} | {r['nybble_quantize_gbps']:.2f} | {r['quantize_speedup']:.1f}x |")
+        print(f"| {s} | NF4+DQ dequantize | {r['bnb_dequantize_gbps']:.3f} | {r['nybble_dequantize_gbps']:.2f} | {r['dequantize_speedup']:.1f}x |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"threads": args.threads, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
