@@ -51,6 +51,42 @@ pub enum Error {
         source: crate::safetensors::FormatError,
     },
 
+    #[error("{path}: tensor {tensor:?}: {source}")]
+    Tensor {
+        path: PathBuf,
+        tensor: String,
+        #[source]
+        source: Box<Error>,
+    },
+
+    #[error("{path}: tensor {tensor:?} ({dtype} {shape:?}) cannot be quantized: only 2-D float32 / float16 / bfloat16 tensors can")]
+    NotQuantizable {
+        path: PathBuf,
+        tensor: String,
+        dtype: &'static str,
+        shape: Vec<usize>,
+    },
+
+    #[error("tensor {tensor:?} is in both {first} and {second}")]
+    DuplicateTensor {
+        tensor: String,
+        first: PathBuf,
+        second: PathBuf,
+    },
+
+    #[error("output tensor {output:?} would be written for both {first:?} and {second:?} (is the input already quantized?)")]
+    OutputNameClash {
+        output: String,
+        first: String,
+        second: String,
+    },
+
+    #[error("{path}: invalid checkpoint index: {reason}")]
+    InvalidIndex { path: PathBuf, reason: String },
+
+    #[error("{path}: no model.safetensors or model.safetensors.index.json in this folder")]
+    NoCheckpoint { path: PathBuf },
+
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

@@ -96,6 +96,17 @@ fn check_finite<T: Element>(x: &[T]) -> Result<()> {
     }
 }
 
+/// `127 / absmax` rounded as bitsandbytes computes it (torch evaluates `127.0 / t` as
+/// `reciprocal(t) * 127`), so codes agree at rounding ties. An all-zero group maps to 0.
+#[inline(always)]
+fn int8_factor(absmax: f32) -> f32 {
+    if absmax > 0.0 {
+        (1.0 / absmax) * 127.0
+    } else {
+        0.0
+    }
+}
+
 /// Rounds to nearest, ties to even (torch.round), then saturates to int8.
 #[inline(always)]
 fn round_to_i8(v: f32) -> i8 {
@@ -140,10 +151,7 @@ pub fn quantize_absmax<T: Element>(
     check_finite(x)?;
     let groups = g.groups(rows, cols);
     let absmax = group_reduce(x, cols, g, groups, 0.0, |m, v| m.max(v.abs()));
-    let factor: Vec<f32> = absmax
-        .iter()
-        .map(|&a| if a > 0.0 { 127.0 / a } else { 0.0 })
-        .collect();
+    let factor: Vec<f32> = absmax.iter().map(|&a| int8_factor(a)).collect();
     let mut q = vec![0i8; x.len()];
     q.par_chunks_mut(cols.max(1))
         .zip(x.par_chunks(cols.max(1)))
@@ -339,7 +347,7 @@ pub fn vectorwise_quant<T: Element>(
                     m.max(v.abs())
                 }
             });
-            let factor = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+            let factor = int8_factor(amax);
             for (c, (o, v)) in qr.iter_mut().zip(xr).enumerate() {
                 *o = if is_outlier_col[c] {
                     0

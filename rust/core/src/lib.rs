@@ -4,10 +4,12 @@
 //! - [`blockwise`]: block-wise 4-bit and 8-bit quantization, bit-compatible with bitsandbytes.
 //! - [`double_quant`]: QLoRA's double quantization of the block constants.
 //! - [`int8`]: absmax / zero-point int8 and LLM.int8()'s outlier handling.
+//! - [`convert`]: streaming whole-checkpoint conversion to packed bitsandbytes layouts.
 //! - [`stats`]: error statistics between two tensors.
 
 pub mod blockwise;
 pub mod codebook;
+pub mod convert;
 pub mod double_quant;
 pub mod element;
 pub mod error;

@@ -22,7 +22,8 @@ use pyo3::types::PyDict;
 use nybble_core::codebook::{self, QuantType4};
 use nybble_core::element::FloatDtype;
 use nybble_core::int8::Granularity;
-use nybble_core::{blockwise, double_quant, int8, stats, Error};
+use nybble_core::safetensors::{Dtype as SafetensorsDtype, SafetensorsFile};
+use nybble_core::{blockwise, convert, double_quant, int8, stats, Error};
 
 create_exception!(
     _core,
@@ -597,6 +598,233 @@ fn dynamic_map(py: Python<'_>, signed: bool) -> Bound<'_, PyArray1<f32>> {
     vec_out(py, codebook::dynamic_map(signed).to_vec())
 }
 
+// ---------------------------------------------------------------- checkpoint conversion
+
+fn convert_err(e: Error) -> PyErr {
+    use pyo3::exceptions::PyFileNotFoundError;
+    let msg = e.to_string();
+    match e {
+        // Keep the exception type of the underlying failure; the message names file and tensor.
+        Error::Tensor { source, .. } => match *source {
+            Error::NonFinite { .. } => NonFiniteError::new_err(msg),
+            Error::SizeOverflow(_) => PyOverflowError::new_err(msg),
+            _ => PyValueError::new_err(msg),
+        },
+        Error::InvalidIndex { .. } => CorruptFileError::new_err(msg),
+        Error::NoCheckpoint { .. } => PyFileNotFoundError::new_err(msg),
+        other => to_py_err(other),
+    }
+}
+
+/// The checkpoint files of a file or model folder (shards of model.safetensors.index.json,
+/// else model.safetensors).
+#[pyfunction]
+fn resolve_checkpoint(path: std::path::PathBuf) -> PyResult<Vec<std::path::PathBuf>> {
+    convert::resolve_inputs(&path).map_err(convert_err)
+}
+
+/// The validated header of a safetensors file: (tensors, metadata) where tensors is a list of
+/// (name, dtype, shape, data_start_offset, byte_length) in file order, offsets absolute.
+#[pyfunction]
+fn read_safetensors_header(
+    path: std::path::PathBuf,
+) -> PyResult<(
+    Vec<(String, &'static str, Vec<usize>, usize, usize)>,
+    Option<std::collections::BTreeMap<String, String>>,
+)> {
+    let file = SafetensorsFile::open(&path).map_err(convert_err)?;
+    let start = file.header().data_start;
+    let tensors = file
+        .tensors()
+        .map(|(name, info)| {
+            (
+                name.to_owned(),
+                info.dtype.name(),
+                info.shape.clone(),
+                start + info.data_offsets.0,
+                info.num_bytes(),
+            )
+        })
+        .collect();
+    Ok((tensors, file.metadata().cloned()))
+}
+
+/// Whether the default rule quantizes this tensor (2-D float `.weight`, not an embedding,
+/// head or norm).
+#[pyfunction]
+fn is_default_quantizable(name: &str, dtype: &str, shape: Vec<usize>) -> PyResult<bool> {
+    let dtype = SafetensorsDtype::parse(dtype)
+        .ok_or_else(|| to_py_err(Error::UnknownDtype(dtype.to_owned())))?;
+    let info = nybble_core::safetensors::TensorInfo {
+        dtype,
+        shape,
+        data_offsets: (0, 0),
+    };
+    Ok(convert::is_default_quantizable(name, &info))
+}
+
+/// A checkpoint conversion driven one tensor at a time from Python (for progress and
+/// Ctrl-C): `step()` converts the next tensor with the GIL released.
+#[pyclass(module = "nybble._core")]
+struct Converter {
+    inner: Option<convert::Conversion>,
+    threads: Option<usize>,
+}
+
+#[pymethods]
+impl Converter {
+    #[new]
+    #[pyo3(signature = (inputs, output_dir, quantize, *, method="nf4", blocksize=64, double_quant=true, max_shard_bytes=5_000_000_000, error_stats=true, threads=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        inputs: Vec<std::path::PathBuf>,
+        output_dir: std::path::PathBuf,
+        quantize: std::collections::HashSet<String>,
+        method: &str,
+        blocksize: usize,
+        double_quant: bool,
+        max_shard_bytes: u64,
+        error_stats: bool,
+        threads: Option<usize>,
+    ) -> PyResult<Self> {
+        let options = convert::ConvertOptions {
+            method: convert::Method::parse(method).map_err(to_py_err)?,
+            blocksize,
+            double_quant,
+            max_shard_bytes,
+            error_stats,
+        };
+        let inner = py
+            .detach(|| {
+                convert::Conversion::plan(
+                    &inputs,
+                    &|name, _| quantize.contains(name),
+                    &output_dir,
+                    options,
+                )
+            })
+            .map_err(convert_err)?;
+        Ok(Self {
+            inner: Some(inner),
+            threads,
+        })
+    }
+
+    /// Planned tensors: dicts with name, dtype, shape, quantize, in_bytes, out_bytes, shard.
+    fn plan<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        self.conversion()?
+            .tensors()
+            .iter()
+            .map(|t| {
+                let d = PyDict::new(py);
+                d.set_item("name", &t.name)?;
+                d.set_item("dtype", t.info.dtype.name())?;
+                d.set_item("shape", t.info.shape.clone())?;
+                d.set_item("quantize", t.quantize)?;
+                d.set_item("in_bytes", t.in_bytes())?;
+                d.set_item("out_bytes", t.out_bytes())?;
+                d.set_item("shard", t.shard)?;
+                Ok(d)
+            })
+            .collect()
+    }
+
+    /// Output shard file names.
+    fn shard_names(&self) -> PyResult<Vec<String>> {
+        Ok(self
+            .conversion()?
+            .shard_names()
+            .into_iter()
+            .map(str::to_owned)
+            .collect())
+    }
+
+    /// Converts the next tensor; returns a dict (name, quantized, num_elements, in_bytes,
+    /// out_bytes, stats) or None when all are done. Checks for Ctrl-C first.
+    fn step<'py>(&mut self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        py.check_signals()?;
+        let p = pool(self.threads)?;
+        let conversion = self
+            .inner
+            .as_mut()
+            .ok_or_else(|| PyValueError::new_err("this conversion has already ended"))?;
+        let report = match py.detach(|| p.install(|| conversion.step())) {
+            Ok(report) => report,
+            Err(e) => {
+                // The partial shard is removed when the conversion is dropped.
+                self.inner = None;
+                return Err(convert_err(e));
+            }
+        };
+        let Some(r) = report else { return Ok(None) };
+        let d = PyDict::new(py);
+        d.set_item("name", r.name)?;
+        d.set_item("quantized", r.quantized)?;
+        d.set_item("num_elements", r.num_elements)?;
+        d.set_item("in_bytes", r.in_bytes)?;
+        d.set_item("out_bytes", r.out_bytes)?;
+        match r.stats {
+            Some(s) => {
+                let st = PyDict::new(py);
+                st.set_item("n", s.n)?;
+                st.set_item("rmse", s.rmse)?;
+                st.set_item("max_abs", s.max_abs)?;
+                st.set_item("mean_abs", s.mean_abs)?;
+                st.set_item("sqnr_db", s.sqnr_db)?;
+                d.set_item("stats", st)?;
+            }
+            None => d.set_item("stats", py.None())?,
+        }
+        Ok(Some(d))
+    }
+
+    /// Converts what is left and writes the shard index; the conversion then ends.
+    fn finish(&mut self, py: Python<'_>) -> PyResult<()> {
+        let conversion = self
+            .inner
+            .take()
+            .ok_or_else(|| PyValueError::new_err("this conversion has already ended"))?;
+        let p = pool(self.threads)?;
+        py.detach(|| p.install(|| conversion.finish()))
+            .map_err(convert_err)
+    }
+
+    /// Abandons the conversion, deleting the shard being written.
+    fn abort(&mut self) {
+        self.inner = None;
+    }
+}
+
+impl Converter {
+    fn conversion(&self) -> PyResult<&convert::Conversion> {
+        self.inner
+            .as_ref()
+            .ok_or_else(|| PyValueError::new_err("this conversion has already ended"))
+    }
+}
+
+/// Writes a safetensors file atomically (temporary file + rename): `tensors` is a list of
+/// (name, dtype, shape, data) with data a 1-D uint8 view of the tensor's little-endian bytes.
+#[pyfunction]
+#[pyo3(signature = (path, tensors, metadata=None))]
+fn write_safetensors_file(
+    py: Python<'_>,
+    path: std::path::PathBuf,
+    tensors: Vec<(String, String, Vec<usize>, PyReadonlyArray1<'_, u8>)>,
+    metadata: Option<std::collections::BTreeMap<String, String>>,
+) -> PyResult<()> {
+    let mut entries = Vec::with_capacity(tensors.len());
+    for (name, dtype, shape, data) in &tensors {
+        let dtype = SafetensorsDtype::parse(dtype)
+            .ok_or_else(|| to_py_err(Error::UnknownDtype(dtype.clone())))?;
+        contiguous(data, "tensor data")?;
+        entries.push((name.as_str(), dtype, shape.as_slice(), data.as_slice()?));
+    }
+    py.detach(|| nybble_core::safetensors::write_safetensors(&path, &entries, metadata))
+        .map_err(convert_err)
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -621,5 +849,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(code_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(nf4_from_normal_quantiles, m)?)?;
     m.add_function(wrap_pyfunction!(dynamic_map, m)?)?;
+    m.add_function(wrap_pyfunction!(resolve_checkpoint, m)?)?;
+    m.add_function(wrap_pyfunction!(read_safetensors_header, m)?)?;
+    m.add_function(wrap_pyfunction!(is_default_quantizable, m)?)?;
+    m.add_function(wrap_pyfunction!(write_safetensors_file, m)?)?;
+    m.add_class::<Converter>()?;
     Ok(())
 }

@@ -1,0 +1,950 @@
+//! Whole-checkpoint conversion: plain safetensors in, bitsandbytes-compatible packed
+//! safetensors out, one tensor at a time.
+//!
+//! [`Conversion::plan`] validates every input header, decides the output keys, shapes and
+//! shards up front (all of them follow from the input shapes), and [`Conversion::step`] then
+//! converts one input tensor per call, so a caller can report progress and stop between
+//! tensors. Memory stays bounded by about one tensor: input bytes are read with `pread` into
+//! one reused buffer (not touched through the memory map, whose pages would otherwise stay
+//! resident), and each output shard is streamed through a [`SafetensorsWriter`], which only
+//! renames its file into place once complete.
+//!
+//! The caller owns the output folder: write into a staging folder and rename it into place
+//! when [`Conversion::finish`] succeeds, so a failed run leaves nothing behind.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use serde_json::Value;
+
+use crate::blockwise::{dequantize_4bit_into, packed_len, quantize_4bit_into};
+use crate::codebook::{dynamic_map, QuantType4};
+use crate::double_quant::{double_dequantize, double_quantize, NESTED_BLOCKSIZE};
+use crate::element::{Element, FloatDtype};
+use crate::error::{check_blocksize, num_blocks, Error, Result};
+use crate::int8::{dequantize_absmax, quantize_absmax, Granularity};
+use crate::safetensors::{Dtype, SafetensorsFile, SafetensorsWriter, TensorInfo};
+use crate::stats::{error_stats, ErrorStats};
+
+/// Index file naming the shard of each tensor in a sharded checkpoint.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+/// The single-file checkpoint name transformers uses.
+pub const SINGLE_FILE: &str = "model.safetensors";
+
+/// Longest `repr` of a float32 widened to float64 ("-1.1754943508222875e-38"): the padded
+/// width of `nested_offset` in the quant_state JSON (see [`quant_state_json`]).
+const MAX_FLOAT_REPR: usize = 24;
+
+/// Target format of the quantized tensors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    /// Block-wise 4-bit (bitsandbytes `Linear4bit` / `Params4bit`).
+    FourBit(QuantType4),
+    /// LLM.int8() row-wise int8 (bitsandbytes `Linear8bitLt` / `Int8Params`).
+    Int8,
+}
+
+impl Method {
+    /// "nf4", "fp4" or "int8".
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "int8" => Ok(Method::Int8),
+            other => QuantType4::parse(other).map(Method::FourBit),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ConvertOptions {
+    pub method: Method,
+    /// 4-bit block size (ignored for int8).
+    pub blocksize: usize,
+    /// Double-quantize the 4-bit block absmaxes (ignored for int8).
+    pub double_quant: bool,
+    /// Largest output shard in bytes (tensor data); one tensor larger than this gets a shard
+    /// of its own.
+    pub max_shard_bytes: u64,
+    /// Dequantize each tensor again and compare it with the input (costs about a third more).
+    pub error_stats: bool,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        Self {
+            method: Method::FourBit(QuantType4::Nf4),
+            blocksize: 64,
+            double_quant: true,
+            max_shard_bytes: 5_000_000_000,
+            error_stats: true,
+        }
+    }
+}
+
+/// The default rule: 2-D float `.weight` tensors of linear layers, except embeddings,
+/// output heads and norms, which lose too much accuracy (and which transformers keeps in
+/// full precision too).
+pub fn is_default_quantizable(name: &str, info: &TensorInfo) -> bool {
+    if !is_quantizable(info) || !name.ends_with(".weight") {
+        return false;
+    }
+    let lower = name.to_ascii_lowercase();
+    const EXCLUDED: [&str; 7] = ["embed", "wte", "wpe", "lm_head", "norm", "ln_", "layernorm"];
+    !EXCLUDED.iter().any(|word| lower.contains(word))
+}
+
+/// Whether a tensor can be quantized at all: a non-empty 2-D float32 / float16 / bfloat16.
+pub fn is_quantizable(info: &TensorInfo) -> bool {
+    info.shape.len() == 2 && info.num_elements() > 0 && info.dtype.float_dtype().is_some()
+}
+
+/// The checkpoint files of `path`: the file itself, or in a folder the shards listed by
+/// `model.safetensors.index.json` (in order of first appearance), else `model.safetensors`.
+pub fn resolve_inputs(path: &Path) -> Result<Vec<PathBuf>> {
+    if !path.is_dir() {
+        if !path.exists() {
+            return Err(Error::Io {
+                path: path.to_owned(),
+                source: std::io::ErrorKind::NotFound.into(),
+            });
+        }
+        return Ok(vec![path.to_owned()]);
+    }
+    let index = path.join(INDEX_FILE);
+    if index.is_file() {
+        let invalid = |reason: String| Error::InvalidIndex {
+            path: index.clone(),
+            reason,
+        };
+        let text = std::fs::read_to_string(&index).map_err(|source| Error::Io {
+            path: index.clone(),
+            source,
+        })?;
+        let root: Value =
+            serde_json::from_str(&text).map_err(|e| invalid(format!("not valid JSON: {e}")))?;
+        let Some(Value::Object(weight_map)) = root.get("weight_map") else {
+            return Err(invalid("missing the \"weight_map\" object".into()));
+        };
+        let mut files: Vec<PathBuf> = Vec::new();
+        for (tensor, file) in weight_map {
+            let Value::String(file) = file else {
+                return Err(invalid(format!(
+                    "tensor {tensor:?}: file name is not a string"
+                )));
+            };
+            // A shard must be a plain file name in the folder: no way out of it.
+            if file.contains('/') || file.contains('\\') || file.starts_with('.') {
+                return Err(invalid(format!(
+                    "tensor {tensor:?}: bad shard name {file:?}"
+                )));
+            }
+            let shard = path.join(file);
+            if !files.contains(&shard) {
+                if !shard.is_file() {
+                    return Err(invalid(format!("shard {file:?} does not exist")));
+                }
+                files.push(shard);
+            }
+        }
+        if files.is_empty() {
+            return Err(invalid("\"weight_map\" is empty".into()));
+        }
+        files.sort();
+        return Ok(files);
+    }
+    let single = path.join(SINGLE_FILE);
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    Err(Error::NoCheckpoint {
+        path: path.to_owned(),
+    })
+}
+
+/// What happens to one input tensor.
+#[derive(Clone, Debug)]
+pub struct TensorPlan {
+    /// Index into the input files.
+    pub file: usize,
+    pub name: String,
+    pub info: TensorInfo,
+    pub quantize: bool,
+    /// Output tensors (name, dtype, shape), in write order.
+    pub outputs: Vec<(String, Dtype, Vec<usize>)>,
+    /// Output shard index.
+    pub shard: usize,
+}
+
+impl TensorPlan {
+    pub fn in_bytes(&self) -> usize {
+        self.info.num_bytes()
+    }
+
+    pub fn out_bytes(&self) -> usize {
+        self.outputs
+            .iter()
+            .map(|(_, dtype, shape)| shape.iter().product::<usize>() * dtype.size_bytes())
+            .sum()
+    }
+}
+
+/// Result of converting one tensor.
+#[derive(Clone, Debug)]
+pub struct TensorReport {
+    pub name: String,
+    pub quantized: bool,
+    pub num_elements: usize,
+    pub in_bytes: usize,
+    pub out_bytes: usize,
+    /// Present for quantized tensors when [`ConvertOptions::error_stats`] is set.
+    pub stats: Option<ErrorStats>,
+}
+
+struct Shard {
+    file_name: String,
+    /// Range of `Conversion::tensors` written to this shard.
+    tensors: std::ops::Range<usize>,
+}
+
+/// A checkpoint conversion in progress; dropping it before [`finish`](Self::finish) removes
+/// the partial shard being written.
+pub struct Conversion {
+    inputs: Vec<SafetensorsFile>,
+    handles: Vec<File>,
+    tensors: Vec<TensorPlan>,
+    shards: Vec<Shard>,
+    out_dir: PathBuf,
+    options: ConvertOptions,
+    metadata: BTreeMap<String, String>,
+    next: usize,
+    writer: Option<SafetensorsWriter>,
+    /// Reused input buffer; u64 storage keeps it aligned for every float type.
+    buffer: Vec<u64>,
+}
+
+impl Conversion {
+    /// Opens and validates every input and lays out the output. `quantize` lists the tensors
+    /// to quantize (each must be [`is_quantizable`]); use [`is_default_quantizable`] for the
+    /// default choice.
+    pub fn plan(
+        inputs: &[PathBuf],
+        quantize: &dyn Fn(&str, &TensorInfo) -> bool,
+        out_dir: &Path,
+        options: ConvertOptions,
+    ) -> Result<Self> {
+        if let Method::FourBit(_) = options.method {
+            check_blocksize(options.blocksize)?;
+        }
+        let mut files = Vec::with_capacity(inputs.len());
+        let mut handles = Vec::with_capacity(inputs.len());
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        let mut tensors = Vec::new();
+        for (i, path) in inputs.iter().enumerate() {
+            let file = SafetensorsFile::open(path)?;
+            handles.push(File::open(path).map_err(|source| Error::Io {
+                path: path.clone(),
+                source,
+            })?);
+            for (name, info) in file.tensors() {
+                if let Some(first) = seen.insert(name.to_owned(), i) {
+                    return Err(Error::DuplicateTensor {
+                        tensor: name.to_owned(),
+                        first: inputs[first].clone(),
+                        second: path.clone(),
+                    });
+                }
+                let quantize = quantize(name, info);
+                if quantize && !is_quantizable(info) {
+                    return Err(Error::NotQuantizable {
+                        path: path.clone(),
+                        tensor: name.to_owned(),
+                        dtype: info.dtype.name(),
+                        shape: info.shape.clone(),
+                    });
+                }
+                let outputs = if quantize {
+                    quantized_outputs(name, info, &options)?
+                } else {
+                    vec![(name.to_owned(), info.dtype, info.shape.clone())]
+                };
+                tensors.push(TensorPlan {
+                    file: i,
+                    name: name.to_owned(),
+                    info: info.clone(),
+                    quantize,
+                    outputs,
+                    shard: 0,
+                });
+            }
+            files.push(file);
+        }
+        // Output keys must not collide with each other or with copied tensors (a checkpoint
+        // that is already quantized would, for example).
+        let mut out_names: HashMap<&str, &str> = HashMap::new();
+        for t in &tensors {
+            for (out, _, _) in &t.outputs {
+                if let Some(other) = out_names.insert(out, &t.name) {
+                    return Err(Error::OutputNameClash {
+                        output: out.clone(),
+                        first: other.to_owned(),
+                        second: t.name.clone(),
+                    });
+                }
+            }
+        }
+        let shards = assign_shards(&mut tensors, options.max_shard_bytes);
+        // Keep the input's free-form metadata; transformers requires format "pt".
+        let mut metadata = files
+            .first()
+            .and_then(|f| f.metadata().cloned())
+            .unwrap_or_default();
+        metadata.insert("format".into(), "pt".into());
+        let max_in = tensors.iter().map(TensorPlan::in_bytes).max().unwrap_or(0);
+        Ok(Self {
+            inputs: files,
+            handles,
+            tensors,
+            shards,
+            out_dir: out_dir.to_owned(),
+            options,
+            metadata,
+            next: 0,
+            writer: None,
+            buffer: Vec::with_capacity(max_in.div_ceil(8)),
+        })
+    }
+
+    pub fn tensors(&self) -> &[TensorPlan] {
+        &self.tensors
+    }
+
+    /// Output shard file names, in order.
+    pub fn shard_names(&self) -> Vec<&str> {
+        self.shards.iter().map(|s| s.file_name.as_str()).collect()
+    }
+
+    /// Input tensors converted so far.
+    pub fn position(&self) -> usize {
+        self.next
+    }
+
+    /// Converts the next input tensor; `None` once all are done.
+    pub fn step(&mut self) -> Result<Option<TensorReport>> {
+        let Some(plan) = self.tensors.get(self.next) else {
+            return Ok(None);
+        };
+        let shard = &self.shards[plan.shard];
+        if self.writer.is_none() {
+            let declared = self.tensors[shard.tensors.clone()]
+                .iter()
+                .flat_map(|t| t.outputs.iter().cloned())
+                .collect();
+            self.writer = Some(SafetensorsWriter::create(
+                &self.out_dir.join(&shard.file_name),
+                declared,
+                Some(self.metadata.clone()),
+            )?);
+        }
+        let input_path = self.inputs[plan.file].path().to_owned();
+        let with_tensor = |source: Error| Error::Tensor {
+            path: input_path.clone(),
+            tensor: plan.name.clone(),
+            source: Box::new(source),
+        };
+        let bytes = read_tensor(
+            &self.inputs[plan.file],
+            &self.handles[plan.file],
+            &plan.name,
+            &mut self.buffer,
+        )?;
+        let writer = self.writer.as_mut().expect("opened above");
+        let stats = if plan.quantize {
+            let (outputs, stats) =
+                quantize_tensor(plan, bytes, &self.options).map_err(with_tensor)?;
+            for ((name, _, _), data) in plan.outputs.iter().zip(&outputs) {
+                writer.write_tensor(name, data)?;
+            }
+            stats
+        } else {
+            writer.write_tensor(&plan.name, bytes)?;
+            None
+        };
+        let report = TensorReport {
+            name: plan.name.clone(),
+            quantized: plan.quantize,
+            num_elements: plan.info.num_elements(),
+            in_bytes: plan.in_bytes(),
+            out_bytes: plan.out_bytes(),
+            stats,
+        };
+        self.next += 1;
+        if self.next == shard.tensors.end {
+            self.writer.take().expect("opened above").finish()?;
+        }
+        Ok(Some(report))
+    }
+
+    /// Converts whatever is left, then writes `model.safetensors.index.json` when the output
+    /// has more than one shard.
+    pub fn finish(mut self) -> Result<()> {
+        while self.step()?.is_some() {}
+        if self.shards.len() > 1 {
+            let mut weight_map = BTreeMap::new();
+            let mut total_size = 0u64;
+            for t in &self.tensors {
+                total_size += t.out_bytes() as u64;
+                for (name, _, _) in &t.outputs {
+                    weight_map.insert(name.clone(), self.shards[t.shard].file_name.clone());
+                }
+            }
+            let index = serde_json::json!({
+                "metadata": {"total_size": total_size},
+                "weight_map": weight_map,
+            });
+            let path = self.out_dir.join(INDEX_FILE);
+            let text = serde_json::to_string_pretty(&index).expect("plain JSON values");
+            std::fs::write(&path, text + "\n").map_err(|source| Error::Io { path, source })?;
+        }
+        Ok(())
+    }
+}
+
+/// Output keys, dtypes and shapes of one quantized tensor (bitsandbytes' serialization).
+fn quantized_outputs(
+    name: &str,
+    info: &TensorInfo,
+    options: &ConvertOptions,
+) -> Result<Vec<(String, Dtype, Vec<usize>)>> {
+    let n = info.num_elements();
+    let prefix = name.strip_suffix(".weight").unwrap_or(name);
+    Ok(match options.method {
+        Method::Int8 => vec![
+            (name.to_owned(), Dtype::I8, info.shape.clone()),
+            (format!("{prefix}.SCB"), Dtype::F32, vec![info.shape[0]]),
+            (format!("{prefix}.weight_format"), Dtype::U8, vec![]),
+        ],
+        Method::FourBit(quant_type) => {
+            let nb = num_blocks(n, options.blocksize);
+            let json_len = quant_state_json(quant_type, options, info, None)?.len();
+            let mut out = vec![(name.to_owned(), Dtype::U8, vec![packed_len(n), 1])];
+            if options.double_quant {
+                out.push((format!("{name}.absmax"), Dtype::U8, vec![nb]));
+                out.push((format!("{name}.quant_map"), Dtype::F32, vec![16]));
+                out.push((
+                    format!("{name}.nested_absmax"),
+                    Dtype::F32,
+                    vec![num_blocks(nb, NESTED_BLOCKSIZE)],
+                ));
+                out.push((format!("{name}.nested_quant_map"), Dtype::F32, vec![256]));
+            } else {
+                out.push((format!("{name}.absmax"), Dtype::F32, vec![nb]));
+                out.push((format!("{name}.quant_map"), Dtype::F32, vec![16]));
+            }
+            out.push((
+                format!("{name}.quant_state.bitsandbytes__{}", quant_type.name()),
+                Dtype::U8,
+                vec![json_len],
+            ));
+            out
+        }
+    })
+}
+
+/// bitsandbytes' `QuantState.as_dict(packed=True)` JSON, spelled as Python's `json.dumps`
+/// spells it. With double quant the header must be written before `nested_offset` is known,
+/// so the JSON is right-padded with spaces to the length of the longest possible offset
+/// (JSON allows trailing whitespace; `offset: None` gives the padded length).
+pub fn quant_state_json(
+    quant_type: QuantType4,
+    options: &ConvertOptions,
+    info: &TensorInfo,
+    offset: Option<f32>,
+) -> Result<String> {
+    let dtype = info
+        .dtype
+        .float_dtype()
+        .ok_or_else(|| Error::UnknownDtype(info.dtype.name().into()))?;
+    let shape: Vec<String> = info.shape.iter().map(usize::to_string).collect();
+    let mut json = format!(
+        "{{\"quant_type\": \"{}\", \"blocksize\": {}, \"dtype\": \"{}\", \"shape\": [{}]",
+        quant_type.name(),
+        options.blocksize,
+        dtype.torch_name(),
+        shape.join(", ")
+    );
+    if options.double_quant {
+        json.push_str(&format!(
+            ", \"nested_blocksize\": {NESTED_BLOCKSIZE}, \"nested_dtype\": \"float32\", \"nested_offset\": "
+        ));
+        let width = json.len() + MAX_FLOAT_REPR + 1;
+        if let Some(offset) = offset {
+            json.push_str(&python_float_repr(offset as f64));
+        }
+        json.push('}');
+        while json.len() < width {
+            json.push(' ');
+        }
+    } else {
+        json.push('}');
+    }
+    Ok(json)
+}
+
+/// Python's `repr(float)`: shortest round-trip digits, exponent form below 1e-4 or from
+/// 1e16 on, with at least two exponent digits, and always a decimal point or exponent.
+pub fn python_float_repr(v: f64) -> String {
+    if !v.is_finite() {
+        return if v.is_nan() {
+            "NaN".into()
+        } else if v > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        };
+    }
+    let abs = v.abs();
+    if abs != 0.0 && !(1e-4..1e16).contains(&abs) {
+        let s = format!("{v:e}");
+        let (mantissa, exp) = s.split_once('e').expect("{:e} always has an exponent");
+        let exp: i32 = exp.parse().expect("integer exponent");
+        let sign = if exp < 0 { '-' } else { '+' };
+        return format!("{mantissa}e{sign}{:02}", exp.abs());
+    }
+    let s = format!("{v}");
+    if s.contains('.') {
+        s
+    } else {
+        s + ".0"
+    }
+}
+
+/// Greedy sharding in input order, as transformers does: start a new shard when the next
+/// tensor would push the current one past `max_bytes`.
+fn assign_shards(tensors: &mut [TensorPlan], max_bytes: u64) -> Vec<Shard> {
+    let mut ranges = vec![std::ops::Range { start: 0, end: 0 }];
+    let mut size = 0u64;
+    for (i, t) in tensors.iter_mut().enumerate() {
+        let bytes = t.out_bytes() as u64;
+        if size > 0 && size.saturating_add(bytes) > max_bytes {
+            ranges.push(i..i);
+            size = 0;
+        }
+        size += bytes;
+        let last = ranges.last_mut().expect("never empty");
+        last.end = i + 1;
+        t.shard = ranges.len() - 1;
+    }
+    let count = ranges.len();
+    ranges
+        .into_iter()
+        .enumerate()
+        .map(|(i, tensors)| Shard {
+            file_name: if count == 1 {
+                SINGLE_FILE.to_owned()
+            } else {
+                format!("model-{:05}-of-{count:05}.safetensors", i + 1)
+            },
+            tensors,
+        })
+        .collect()
+}
+
+/// Reads one tensor's bytes with `pread` into `buffer` (reused between calls).
+fn read_tensor<'b>(
+    file: &SafetensorsFile,
+    handle: &File,
+    name: &str,
+    buffer: &'b mut Vec<u64>,
+) -> Result<&'b [u8]> {
+    let info = file.info(name).expect("planned from this file");
+    let len = info.num_bytes();
+    buffer.clear();
+    buffer.resize(len.div_ceil(8), 0);
+    // SAFETY: u64 storage reinterpreted as at least `len` bytes.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(buffer.as_mut_ptr() as *mut u8, len) };
+    // parse_header checked that data_start + end lies within the file.
+    let offset = (file.header().data_start + info.data_offsets.0) as u64;
+    handle
+        .read_exact_at(bytes, offset)
+        .map_err(|source| Error::Io {
+            path: file.path().to_owned(),
+            source,
+        })?;
+    Ok(bytes)
+}
+
+/// Reinterprets little-endian tensor bytes as elements (the buffer is 8-byte aligned).
+fn as_elements<T>(bytes: &[u8]) -> &[T] {
+    assert_eq!(bytes.as_ptr() as usize % std::mem::align_of::<T>(), 0);
+    // SAFETY: aligned (checked), and f32 / f16 / bf16 accept any bit pattern.
+    unsafe {
+        std::slice::from_raw_parts(
+            bytes.as_ptr() as *const T,
+            bytes.len() / std::mem::size_of::<T>(),
+        )
+    }
+}
+
+fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+type Outputs = (Vec<Cow<'static, [u8]>>, Option<ErrorStats>);
+
+fn quantize_tensor(plan: &TensorPlan, bytes: &[u8], options: &ConvertOptions) -> Result<Outputs> {
+    match plan.info.dtype.float_dtype() {
+        Some(FloatDtype::F32) => quantize_typed::<f32>(plan, as_elements(bytes), options),
+        Some(FloatDtype::F16) => quantize_typed::<f16>(plan, as_elements(bytes), options),
+        Some(FloatDtype::BF16) => quantize_typed::<bf16>(plan, as_elements(bytes), options),
+        None => Err(Error::UnknownDtype(plan.info.dtype.name().into())),
+    }
+}
+
+fn quantize_typed<T: Element>(
+    plan: &TensorPlan,
+    x: &[T],
+    options: &ConvertOptions,
+) -> Result<Outputs> {
+    let (rows, cols) = (plan.info.shape[0], plan.info.shape[1]);
+    match options.method {
+        Method::Int8 => {
+            let q = quantize_absmax(x, rows, cols, Granularity::Row)?;
+            let stats = if options.error_stats {
+                let back = dequantize_absmax(&q.q, &q.absmax, rows, cols, Granularity::Row)?;
+                Some(error_stats(x, &back)?)
+            } else {
+                None
+            };
+            // i8 -> u8 is a bit-for-bit reinterpretation.
+            let codes: Vec<u8> = q.q.iter().map(|&v| v as u8).collect();
+            let outputs = vec![
+                Cow::Owned(codes),
+                Cow::Owned(f32_bytes(&q.absmax)),
+                Cow::Borrowed(&[0u8][..]),
+            ];
+            Ok((outputs, stats))
+        }
+        Method::FourBit(quant_type) => {
+            let n = x.len();
+            let blocksize = options.blocksize;
+            let mut packed = vec![0u8; packed_len(n)];
+            let mut absmax = vec![0.0f32; num_blocks(n, blocksize)];
+            quantize_4bit_into(x, blocksize, quant_type, &mut packed, &mut absmax)?;
+            let table = f32_bytes(quant_type.table());
+            let (outputs, decoded_absmax) = if options.double_quant {
+                let code = dynamic_map(true);
+                let dq = double_quantize(&absmax, &code, NESTED_BLOCKSIZE)?;
+                let json = quant_state_json(quant_type, options, &plan.info, Some(dq.offset))?;
+                // The scales a loader will actually use, for the error statistics.
+                let decoded = if options.error_stats {
+                    double_dequantize(
+                        &dq.codes,
+                        &dq.nested_absmax,
+                        dq.offset,
+                        &code,
+                        NESTED_BLOCKSIZE,
+                    )?
+                } else {
+                    Vec::new()
+                };
+                let outputs = vec![
+                    Cow::Owned(packed),
+                    Cow::Owned(dq.codes),
+                    Cow::Owned(table),
+                    Cow::Owned(f32_bytes(&dq.nested_absmax)),
+                    Cow::Owned(f32_bytes(&code)),
+                    Cow::Owned(json.into_bytes()),
+                ];
+                (outputs, decoded)
+            } else {
+                let json = quant_state_json(quant_type, options, &plan.info, None)?;
+                let outputs = vec![
+                    Cow::Owned(packed),
+                    Cow::Owned(f32_bytes(&absmax)),
+                    Cow::Owned(table),
+                    Cow::Owned(json.into_bytes()),
+                ];
+                (outputs, absmax)
+            };
+            let stats = if options.error_stats {
+                let mut back = vec![T::from_f32(0.0); n];
+                dequantize_4bit_into(
+                    &outputs[0],
+                    &decoded_absmax,
+                    blocksize,
+                    quant_type,
+                    &mut back,
+                )?;
+                Some(error_stats(x, &back)?)
+            } else {
+                None
+            };
+            Ok((outputs, stats))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::safetensors::write_safetensors;
+
+    fn bf16_bytes(values: &[f32]) -> Vec<u8> {
+        values
+            .iter()
+            .flat_map(|&v| bf16::from_f32(v).to_bits().to_le_bytes())
+            .collect()
+    }
+
+    fn info(dtype: Dtype, shape: &[usize]) -> TensorInfo {
+        TensorInfo {
+            dtype,
+            shape: shape.to_vec(),
+            data_offsets: (0, 0),
+        }
+    }
+
+    #[test]
+    fn default_rule() {
+        let w = info(Dtype::BF16, &[8, 8]);
+        assert!(is_default_quantizable(
+            "model.layers.0.mlp.up_proj.weight",
+            &w
+        ));
+        assert!(!is_default_quantizable(
+            "model.layers.0.mlp.up_proj.bias",
+            &w
+        ));
+        assert!(!is_default_quantizable("model.embed_tokens.weight", &w));
+        assert!(!is_default_quantizable("transformer.wte.weight", &w));
+        assert!(!is_default_quantizable("lm_head.weight", &w));
+        assert!(!is_default_quantizable("model.norm.weight", &w));
+        assert!(!is_default_quantizable("h.0.ln_1.weight", &w));
+        assert!(!is_default_quantizable("x.LayerNorm.weight", &w));
+        assert!(!is_default_quantizable(
+            "a.weight",
+            &info(Dtype::BF16, &[8])
+        ));
+        assert!(!is_default_quantizable(
+            "a.weight",
+            &info(Dtype::I32, &[8, 8])
+        ));
+    }
+
+    #[test]
+    fn python_float_repr_matches_python() {
+        assert_eq!(
+            python_float_repr(0.11392103135585785),
+            "0.11392103135585785"
+        );
+        assert_eq!(python_float_repr(1.0), "1.0");
+        assert_eq!(python_float_repr(0.0), "0.0");
+        assert_eq!(python_float_repr(1.5e-5), "1.5e-05");
+        assert_eq!(python_float_repr(-2.5e20), "-2.5e+20");
+        assert_eq!(python_float_repr(1e16), "1e+16");
+        assert_eq!(python_float_repr(0.0001), "0.0001");
+        let longest = python_float_repr(-f32::MIN_POSITIVE as f64);
+        assert_eq!(longest, "-1.1754943508222875e-38");
+        assert!(longest.len() <= MAX_FLOAT_REPR);
+    }
+
+    #[test]
+    fn quant_state_json_is_padded_to_planned_length() {
+        let opts = ConvertOptions::default();
+        let i = info(Dtype::F32, &[384, 384]);
+        let planned = quant_state_json(QuantType4::Nf4, &opts, &i, None).unwrap();
+        let real = quant_state_json(QuantType4::Nf4, &opts, &i, Some(0.113_921_03)).unwrap();
+        assert_eq!(planned.len(), real.len());
+        assert_eq!(
+            real.trim_end(),
+            "{\"quant_type\": \"nf4\", \"blocksize\": 64, \"dtype\": \"float32\", \"shape\": [384, 384], \
+             \"nested_blocksize\": 256, \"nested_dtype\": \"float32\", \"nested_offset\": 0.11392103135585785}"
+        );
+        let plain = ConvertOptions {
+            double_quant: false,
+            ..opts
+        };
+        let json = quant_state_json(QuantType4::Fp4, &plain, &i, None).unwrap();
+        assert_eq!(
+            json,
+            "{\"quant_type\": \"fp4\", \"blocksize\": 64, \"dtype\": \"float32\", \"shape\": [384, 384]}"
+        );
+    }
+
+    #[test]
+    fn sharding_is_greedy_and_keeps_groups_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.safetensors");
+        let w = bf16_bytes(&vec![0.5f32; 64 * 64]);
+        let b = bf16_bytes(&[1.0f32; 64]);
+        write_safetensors(
+            &input,
+            &[
+                ("a.weight", Dtype::BF16, &[64, 64], &w),
+                ("a.bias", Dtype::BF16, &[64], &b),
+                ("b.weight", Dtype::BF16, &[64, 64], &w),
+            ],
+            None,
+        )
+        .unwrap();
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        let options = ConvertOptions {
+            max_shard_bytes: 3600,
+            ..Default::default()
+        };
+        let conv = Conversion::plan(&[input], &is_default_quantizable, &out, options).unwrap();
+        assert_eq!(
+            conv.shard_names(),
+            [
+                "model-00001-of-00002.safetensors",
+                "model-00002-of-00002.safetensors"
+            ]
+        );
+        let shards: Vec<usize> = conv.tensors().iter().map(|t| t.shard).collect();
+        assert_eq!(shards, [0, 0, 1]);
+        conv.finish().unwrap();
+        let index: Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join(INDEX_FILE)).unwrap()).unwrap();
+        assert_eq!(
+            index["weight_map"]["b.weight.absmax"],
+            "model-00002-of-00002.safetensors"
+        );
+        let second = SafetensorsFile::open(&out.join("model-00002-of-00002.safetensors")).unwrap();
+        assert_eq!(second.len(), 6);
+        assert_eq!(second.metadata().unwrap()["format"], "pt");
+    }
+
+    #[test]
+    fn converts_and_copies_bytes_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.safetensors");
+        let values: Vec<f32> = (0..96 * 40)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let w = bf16_bytes(&values);
+        let ids: Vec<u8> = (0..16u8).collect();
+        write_safetensors(
+            &input,
+            &[
+                ("l.weight", Dtype::BF16, &[96, 40], &w),
+                ("ids", Dtype::I32, &[4], &ids),
+            ],
+            None,
+        )
+        .unwrap();
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        let mut conv = Conversion::plan(
+            &[input],
+            &is_default_quantizable,
+            &out,
+            ConvertOptions::default(),
+        )
+        .unwrap();
+        let first = conv.step().unwrap().unwrap();
+        assert_eq!(first.name, "l.weight");
+        let stats = first.stats.unwrap();
+        assert!(stats.sqnr_db > 15.0, "{stats:?}");
+        conv.finish().unwrap();
+        let f = SafetensorsFile::open(&out.join(SINGLE_FILE)).unwrap();
+        assert_eq!(f.data("ids").unwrap(), &ids[..]);
+        let x: &[bf16] = as_elements(&w);
+        let direct = crate::blockwise::quantize_4bit(x, 64, QuantType4::Nf4).unwrap();
+        assert_eq!(f.data("l.weight").unwrap(), &direct.packed[..]);
+        assert_eq!(f.info("l.weight").unwrap().shape, [96 * 40 / 2, 1]);
+        assert_eq!(f.info("l.weight.absmax").unwrap().dtype, Dtype::U8);
+        let json = f.data("l.weight.quant_state.bitsandbytes__nf4").unwrap();
+        let parsed: Value = serde_json::from_slice(json).unwrap();
+        assert_eq!(parsed["shape"], serde_json::json!([96, 40]));
+        assert_eq!(parsed["dtype"], "bfloat16");
+    }
+
+    #[test]
+    fn nan_names_tensor_and_leaves_no_shard() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.safetensors");
+        let mut values = vec![0.25f32; 64 * 2];
+        values[77] = f32::NAN;
+        let w = f32_bytes(&values);
+        write_safetensors(&input, &[("l.weight", Dtype::F32, &[2, 64], &w)], None).unwrap();
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        let conv = Conversion::plan(
+            std::slice::from_ref(&input),
+            &is_default_quantizable,
+            &out,
+            ConvertOptions::default(),
+        )
+        .unwrap();
+        let err = conv.finish().unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("in.safetensors") && msg.contains("l.weight"),
+            "{msg}"
+        );
+        assert!(
+            matches!(err, Error::Tensor { ref source, .. } if matches!(**source, Error::NonFinite { index: 77, .. }))
+        );
+        assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn rejects_non_quantizable_choice_and_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.safetensors");
+        let b = dir.path().join("b.safetensors");
+        write_safetensors(&a, &[("x.weight", Dtype::I8, &[2, 2], &[0u8; 4])], None).unwrap();
+        write_safetensors(&b, &[("x.weight", Dtype::U8, &[4], &[0u8; 4])], None).unwrap();
+        let out = dir.path();
+        let all = |_: &str, _: &TensorInfo| true;
+        let err = Conversion::plan(
+            std::slice::from_ref(&a),
+            &all,
+            out,
+            ConvertOptions::default(),
+        )
+        .err();
+        assert!(matches!(err, Some(Error::NotQuantizable { .. })));
+        let none = |_: &str, _: &TensorInfo| false;
+        let err = Conversion::plan(&[a, b], &none, out, ConvertOptions::default()).err();
+        assert!(matches!(err, Some(Error::DuplicateTensor { .. })));
+    }
+
+    #[test]
+    fn resolves_sharded_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            resolve_inputs(dir.path()),
+            Err(Error::NoCheckpoint { .. })
+        ));
+        for name in ["s2.safetensors", "s1.safetensors"] {
+            write_safetensors(&dir.path().join(name), &[], None).unwrap();
+        }
+        std::fs::write(
+            dir.path().join(INDEX_FILE),
+            r#"{"weight_map": {"a": "s2.safetensors", "b": "s1.safetensors", "c": "s2.safetensors"}}"#,
+        )
+        .unwrap();
+        let files = resolve_inputs(dir.path()).unwrap();
+        assert_eq!(
+            files,
+            [
+                dir.path().join("s1.safetensors"),
+                dir.path().join("s2.safetensors")
+            ]
+        );
+        std::fs::write(
+            dir.path().join(INDEX_FILE),
+            r#"{"weight_map": {"a": "../x"}}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            resolve_inputs(dir.path()),
+            Err(Error::InvalidIndex { .. })
+        ));
+    }
+}
