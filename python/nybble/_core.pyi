@@ -5,6 +5,10 @@ patterns for ``"float16"`` and ``"bfloat16"``. Float outputs follow the same rul
 releases the GIL and runs on ``threads`` workers (default: :func:`get_num_threads`).
 """
 
+import os
+import pathlib
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 
@@ -93,3 +97,51 @@ def error_stats(
 def code_4bit(quant_type: str) -> npt.NDArray[np.float32]: ...
 def nf4_from_normal_quantiles(offset: float = 0.9677083) -> npt.NDArray[np.float32]: ...
 def dynamic_map(signed: bool = True) -> npt.NDArray[np.float32]: ...
+
+# ------------------------------------------------------------------ checkpoint conversion
+
+def resolve_checkpoint(path: str | os.PathLike[str]) -> list[pathlib.Path]:
+    """The safetensors files of a file or model folder (shards of
+    model.safetensors.index.json, else model.safetensors)."""
+
+def read_safetensors_header(
+    path: str | os.PathLike[str],
+) -> tuple[list[tuple[str, str, list[int], int, int]], dict[str, str] | None]:
+    """Validated header: ([(name, dtype, shape, absolute data offset, byte length)], metadata)."""
+
+def is_default_quantizable(name: str, dtype: str, shape: list[int]) -> bool:
+    """The default rule: 2-D float ``.weight``, not an embedding, lm_head or norm."""
+
+def write_safetensors_file(
+    path: str | os.PathLike[str],
+    tensors: list[tuple[str, str, list[int], npt.NDArray[np.uint8]]],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Writes (name, dtype, shape, 1-D uint8 view of the bytes) atomically (temp file + rename)."""
+
+class Converter:
+    """A checkpoint conversion driven one tensor per :meth:`step` (GIL released inside)."""
+
+    def __init__(
+        self,
+        inputs: list[str | os.PathLike[str]],
+        output_dir: str | os.PathLike[str],
+        quantize: set[str],
+        *,
+        method: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = True,
+        max_shard_bytes: int = 5_000_000_000,
+        error_stats: bool = True,
+        threads: int | None = None,
+    ) -> None: ...
+    def plan(self) -> list[dict[str, Any]]:
+        """name, dtype, shape, quantize, in_bytes, out_bytes, shard per input tensor."""
+    def shard_names(self) -> list[str]: ...
+    def step(self) -> dict[str, Any] | None:
+        """Converts the next tensor (checks for Ctrl-C first): name, quantized, num_elements,
+        in_bytes, out_bytes, stats (dict or None); None when done."""
+    def finish(self) -> None:
+        """Converts what is left and writes the shard index."""
+    def abort(self) -> None:
+        """Abandons the conversion, deleting the shard being written."""

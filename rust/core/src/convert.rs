@@ -19,6 +19,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
+use rayon::prelude::*;
 use serde_json::Value;
 
 use crate::blockwise::{dequantize_4bit_into, packed_len, quantize_4bit_into};
@@ -576,6 +577,10 @@ fn read_tensor<'b>(
     Ok(bytes)
 }
 
+// safetensors data is little-endian and is reinterpreted in place below.
+#[cfg(target_endian = "big")]
+compile_error!("nybble_core::convert assumes a little-endian target");
+
 /// Reinterprets little-endian tensor bytes as elements (the buffer is 8-byte aligned).
 fn as_elements<T>(bytes: &[u8]) -> &[T] {
     assert_eq!(bytes.as_ptr() as usize % std::mem::align_of::<T>(), 0);
@@ -611,7 +616,11 @@ fn quantize_typed<T: Element>(
     let (rows, cols) = (plan.info.shape[0], plan.info.shape[1]);
     match options.method {
         Method::Int8 => {
-            let q = quantize_absmax(x, rows, cols, Granularity::Row)?;
+            // bitsandbytes' Int8Params casts the weight to float16 before quantizing; do the
+            // same so SCB and the codes match it bit for bit.
+            let x16: Vec<f16> = x.par_iter().map(|v| f16::from_f32(v.to_f32())).collect();
+            let q = quantize_absmax(&x16, rows, cols, Granularity::Row)?;
+            drop(x16);
             let stats = if options.error_stats {
                 let back = dequantize_absmax(&q.q, &q.absmax, rows, cols, Granularity::Row)?;
                 Some(error_stats(x, &back)?)

@@ -1,0 +1,672 @@
+"""Whole checkpoints: quantize a safetensors model folder into the packed layout that
+transformers + bitsandbytes load, and read such checkpoints back (inspect, dequantize,
+verify).
+
+The heavy lifting of :func:`quantize_checkpoint` happens in Rust (``nybble._core.Converter``),
+one tensor per ``step()`` with the GIL released; this module picks the tensors, reports
+progress, and assembles the output folder. Every output folder is built in a hidden staging
+folder beside the target and renamed into place only when complete, so a failed or
+interrupted run leaves nothing where the result belongs.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import secrets
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from . import _core
+from .codebooks import code_4bit
+from .quant import NESTED_BLOCKSIZE, NestedState, QuantState4bit, dequantize_4bit
+
+INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
+QUANT_STATE_PREFIX = ".quant_state.bitsandbytes__"
+METHODS = ("nf4", "fp4", "int8")
+COMPUTE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+# Weight files of other formats are not copied into the output: they would hold the
+# unquantized weights again.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+
+_NUMPY_DTYPES = {
+    "BOOL": np.dtype(np.bool_),
+    "U8": np.dtype(np.uint8),
+    "I8": np.dtype(np.int8),
+    "I16": np.dtype(np.int16),
+    "U16": np.dtype(np.uint16),
+    "I32": np.dtype(np.int32),
+    "U32": np.dtype(np.uint32),
+    "I64": np.dtype(np.int64),
+    "U64": np.dtype(np.uint64),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F32": np.dtype(np.float32),
+    "F64": np.dtype(np.float64),
+}
+_SAFETENSORS_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be converted or read (the message names the file / tensor)."""
+
+
+class OutputExistsError(FileExistsError):
+    """The output path exists and overwriting was not asked for."""
+
+
+# ----------------------------------------------------------------------------- sizes, patterns
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    None: 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+
+
+def parse_size(text: str | int) -> int:
+    """``"5GB"`` -> 5 * 10**9 (decimal units as transformers; ``"GiB"`` etc. are binary)."""
+    if isinstance(text, int):
+        size = text
+    else:
+        m = _SIZE_RE.match(text)
+        if m is None:
+            raise ValueError(f"cannot parse size {text!r}: use e.g. 5GB, 500MB, 2GiB or a byte count")
+        unit = m.group(2).upper() if m.group(2) else None
+        size = int(float(m.group(1)) * _SIZE_UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {text!r}")
+    return size
+
+
+def matches(pattern: str, name: str) -> bool:
+    """Whether a ``--skip`` / ``--only`` pattern selects tensor ``name``.
+
+    Patterns are shell globs (``fnmatch``, case-sensitive) matched against the full tensor
+    name and against its module name (the name without ``.weight``), so ``*.attention.*`` and
+    ``pooler.dense`` both work. Prefix a pattern with ``re:`` for a Python regular expression
+    searched anywhere in the tensor name (``re:layer\\.(0|1)\\.``).
+    """
+    if pattern.startswith("re:"):
+        return re.search(pattern[3:], name) is not None
+    module = name.removesuffix(".weight")
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(module, pattern)
+
+
+def _is_quantizable(dtype: str, shape: list[int]) -> bool:
+    return dtype in ("F32", "F16", "BF16") and len(shape) == 2 and shape[0] * shape[1] > 0
+
+
+def select_tensors(
+    tensors: Iterable[tuple[str, str, list[int]]],
+    only: Iterable[str] = (),
+    skip: Iterable[str] = (),
+) -> set[str]:
+    """Names of the tensors to quantize.
+
+    Default: 2-D float ``.weight`` tensors of linear layers, never embeddings (``embed``,
+    ``wte``, ``wpe``), ``lm_head``, norms (``norm``, ``ln_``, ``LayerNorm``) or biases.
+    ``only`` replaces the default rule: the 2-D float tensors matching any ``only`` pattern.
+    ``skip`` then removes the tensors matching any ``skip`` pattern.
+    """
+    only, skip = list(only), list(skip)
+    for p in only + skip:
+        if p.startswith("re:"):
+            try:
+                re.compile(p[3:])
+            except re.error as e:
+                raise ValueError(f"bad regular expression {p!r}: {e}") from None
+    chosen = set()
+    for name, dtype, shape in tensors:
+        if only:
+            take = _is_quantizable(dtype, shape) and any(matches(p, name) for p in only)
+        else:
+            take = _core.is_default_quantizable(name, dtype, list(shape))
+        if take and not any(matches(p, name) for p in skip):
+            chosen.add(name)
+    return chosen
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+@dataclass
+class TensorEntry:
+    name: str
+    dtype: str  # safetensors name: "BF16", "U8", ...
+    shape: tuple[int, ...]
+    offset: int  # absolute file offset of the data
+    nbytes: int
+    file: Path
+
+
+class Checkpoint:
+    """The tensors of a checkpoint file or model folder, read lazily one tensor at a time."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.files = [Path(p) for p in _core.resolve_checkpoint(self.path)]
+        self.entries: dict[str, TensorEntry] = {}
+        self.metadata: dict[str, str] = {}
+        for f in self.files:
+            tensors, metadata = _core.read_safetensors_header(f)
+            if metadata and not self.metadata:
+                self.metadata = dict(metadata)
+            for name, dtype, shape, offset, nbytes in tensors:
+                if name in self.entries:
+                    raise CheckpointError(f"tensor {name!r} is in both {self.entries[name].file} and {f}")
+                self.entries[name] = TensorEntry(name, dtype, tuple(shape), offset, nbytes, f)
+
+    @property
+    def folder(self) -> Path:
+        return self.path if self.path.is_dir() else self.path.parent
+
+    def config(self) -> dict[str, Any] | None:
+        cfg = self.folder / CONFIG_FILE
+        if not cfg.is_file():
+            return None
+        return json.loads(cfg.read_text())
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def read(self, name: str) -> np.ndarray:
+        """One tensor as a numpy array (bfloat16 as ``ml_dtypes.bfloat16``)."""
+        e = self.entries[name]
+        dtype = _NUMPY_DTYPES.get(e.dtype)
+        if dtype is None:
+            raise CheckpointError(f"{e.file}: tensor {name!r}: dtype {e.dtype} is not supported here")
+        with open(e.file, "rb") as f:
+            data = os.pread(f.fileno(), e.nbytes, e.offset)
+        if len(data) != e.nbytes:
+            raise CheckpointError(f"{e.file}: tensor {name!r}: file shrank while reading")
+        return np.frombuffer(data, dtype=dtype).reshape(e.shape)
+
+    def read_json(self, name: str) -> dict[str, Any]:
+        e = self.entries[name]
+        try:
+            return json.loads(self.read(name).tobytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{e.file}: tensor {name!r}: quant_state is not valid JSON: {err}") from None
+
+
+@dataclass
+class PackedWeight:
+    """One quantized weight in a checkpoint and the keys that belong to it."""
+
+    name: str  # "P.weight"
+    format: str  # "nf4" | "fp4" | "int8"
+    shape: tuple[int, ...]
+    dtype: str  # original dtype ("bfloat16", ...); int8 weights record none
+    keys: list[str] = field(default_factory=list)
+    blocksize: int | None = None
+    double_quant: bool = False
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+def packed_weights(ckpt: Checkpoint) -> dict[str, PackedWeight]:
+    """The quantized weights of a checkpoint by name (4-bit via their quant_state entry,
+    LLM.int8() via their ``SCB``)."""
+    out: dict[str, PackedWeight] = {}
+    for key in ckpt.entries:
+        if QUANT_STATE_PREFIX in key:
+            name, quant_type = key.split(QUANT_STATE_PREFIX, 1)
+            state = ckpt.read_json(key)
+            where = f"{ckpt.entries[key].file}: tensor {key!r}"
+            if quant_type not in ("nf4", "fp4") or state.get("quant_type") != quant_type:
+                raise CheckpointError(f"{where}: unsupported quant_type {state.get('quant_type')!r}")
+            try:
+                shape = tuple(int(d) for d in state["shape"])
+                blocksize = int(state["blocksize"])
+                dtype = str(state["dtype"])
+            except (KeyError, TypeError, ValueError) as err:
+                raise CheckpointError(f"{where}: bad quant_state ({err!r})") from None
+            dq = "nested_offset" in state
+            keys = [name, f"{name}.absmax", f"{name}.quant_map", key]
+            if dq:
+                keys += [f"{name}.nested_absmax", f"{name}.nested_quant_map"]
+            for k in keys:
+                if k not in ckpt:
+                    raise CheckpointError(f"{ckpt.path}: {name!r} is 4-bit but {k!r} is missing")
+            out[name] = PackedWeight(name, quant_type, shape, dtype, keys, blocksize, dq)
+        elif key.endswith(".SCB"):
+            module = key.removesuffix(".SCB")
+            name = f"{module}.weight"
+            if name not in ckpt or ckpt.entries[name].dtype != "I8":
+                raise CheckpointError(f"{ckpt.path}: {key!r} has no int8 weight {name!r}")
+            keys = [name, key] + ([f"{module}.weight_format"] if f"{module}.weight_format" in ckpt else [])
+            out[name] = PackedWeight(name, "int8", ckpt.entries[name].shape, "float16", keys)
+    return out
+
+
+def _nbytes(ckpt: Checkpoint, keys: Iterable[str]) -> int:
+    return sum(ckpt.entries[k].nbytes for k in keys)
+
+
+def dequantize_weight(ckpt: Checkpoint, w: PackedWeight, dtype: str | None = None) -> np.ndarray:
+    """Decodes one packed weight to ``dtype`` (default: its recorded original dtype)."""
+    where = f"{ckpt.entries[w.name].file}: tensor {w.name!r}"
+    if w.format == "int8":
+        q = ckpt.read(w.name).astype(np.float32)
+        scb = ckpt.read(w.keys[1]).astype(np.float32)
+        if scb.shape != (q.shape[0],):
+            raise CheckpointError(f"{where}: SCB shape {scb.shape} does not match rows {q.shape[0]}")
+        # bitsandbytes' int8_vectorwise_dequant, in its float32 evaluation order.
+        out = (q * scb[:, None]) * np.float32(7.874015718698502e-3)
+        return out.astype(_NUMPY_DTYPES[_SAFETENSORS_NAMES[dtype or "float32"]])
+    quant_map = ckpt.read(f"{w.name}.quant_map")
+    if not np.array_equal(quant_map, code_4bit(w.format)):
+        raise CheckpointError(f"{where}: quant_map is not the standard {w.format} table")
+    nested = None
+    absmax = ckpt.read(f"{w.name}.absmax")
+    if w.double_quant:
+        state_json = ckpt.read_json(f"{w.name}{QUANT_STATE_PREFIX}{w.format}")
+        nested = NestedState(
+            nested_absmax=ckpt.read(f"{w.name}.nested_absmax").astype(np.float32),
+            offset=float(state_json["nested_offset"]),
+            code=ckpt.read(f"{w.name}.nested_quant_map").astype(np.float32),
+            blocksize=int(state_json.get("nested_blocksize", NESTED_BLOCKSIZE)),
+        )
+    state = QuantState4bit(
+        shape=w.shape,
+        dtype=w.dtype,
+        blocksize=w.blocksize or 64,
+        quant_type=w.format,
+        absmax=absmax,
+        nested=nested,
+        code=quant_map,
+    )
+    try:
+        return dequantize_4bit(ckpt.read(w.name), state, dtype or w.dtype)
+    except ValueError as err:
+        raise CheckpointError(f"{where}: {err}") from None
+
+
+# ----------------------------------------------------------------------------- output folders
+
+
+@contextmanager
+def staged_output(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Yields a fresh hidden folder beside ``out``; on success renames it to ``out``
+    (replacing it when ``overwrite``), on any failure deletes it."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.nybble-{os.getpid()}-{secrets.token_hex(4)}"
+    staging.mkdir()
+    try:
+        yield staging
+        if out.exists():
+            trash = out.parent / f".{out.name}.nybble-old-{secrets.token_hex(4)}"
+            out.rename(trash)
+            staging.rename(out)
+            _remove(trash)
+        else:
+            staging.rename(out)
+    except BaseException:
+        _remove(staging)
+        raise
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def copy_side_files(src_folder: Path, dst: Path) -> list[str]:
+    """Copies tokenizer files, sub-folders (e.g. ``1_Pooling``) and other non-weight files."""
+    copied = []
+    for item in sorted(src_folder.iterdir()):
+        if item.name in (CONFIG_FILE, INDEX_FILE) or item.name.endswith(_WEIGHT_SUFFIXES):
+            continue
+        if item.is_dir():
+            shutil.copytree(item, dst / item.name, symlinks=False)
+        else:
+            shutil.copy2(item, dst / item.name)
+        copied.append(item.name)
+    return copied
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def quantization_config(
+    method: str,
+    double_quant: bool,
+    compute_dtype: str,
+    skip_modules: list[str] | None,
+) -> dict[str, Any]:
+    """``config.json``'s ``quantization_config`` as transformers' BitsAndBytesConfig writes it."""
+    four = method in ("nf4", "fp4")
+    return {
+        "_load_in_4bit": four,
+        "_load_in_8bit": not four,
+        "bnb_4bit_compute_dtype": compute_dtype,
+        "bnb_4bit_quant_storage": "uint8",
+        "bnb_4bit_quant_type": method if four else "fp4",
+        "bnb_4bit_use_double_quant": bool(double_quant) if four else False,
+        "llm_int8_enable_fp32_cpu_offload": False,
+        "llm_int8_has_fp16_weight": False,
+        "llm_int8_skip_modules": skip_modules,
+        "llm_int8_threshold": 6.0,
+        "load_in_4bit": four,
+        "load_in_8bit": not four,
+        "quant_method": "bitsandbytes",
+    }
+
+
+# ----------------------------------------------------------------------------- quantize
+
+
+@dataclass
+class QuantizeSummary:
+    output: Path
+    method: str
+    tensors: int
+    quantized: int
+    params_quantized: int
+    bytes_in: int
+    bytes_out: int
+    bytes_quantized_out: int
+    seconds: float
+    shards: list[str]
+    # Element-weighted over the quantized tensors (None when stats were off).
+    rmse: float | None = None
+    max_abs: float | None = None
+    sqnr_db: float | None = None
+
+    @property
+    def bits_per_parameter(self) -> float:
+        """Bits per parameter of the quantized tensors, constants included."""
+        return 8 * self.bytes_quantized_out / max(self.params_quantized, 1)
+
+
+def quantize_checkpoint(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    method: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = True,
+    compute_dtype: str = "bfloat16",
+    threads: int | None = None,
+    overwrite: bool = False,
+    skip: Iterable[str] = (),
+    only: Iterable[str] = (),
+    max_shard_size: str | int = "5GB",
+    error_stats: bool = True,
+    on_plan: Callable[[list[dict[str, Any]]], None] | None = None,
+    on_tensor: Callable[[dict[str, Any]], None] | None = None,
+) -> QuantizeSummary:
+    """Converts a safetensors checkpoint (file or model folder) into a packed checkpoint
+    folder. ``on_tensor`` is called on this thread after each tensor; an exception it raises
+    (KeyboardInterrupt included) aborts the run and leaves no output behind."""
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is not one of {METHODS}")
+    compute_dtype = COMPUTE_DTYPES.get(compute_dtype, compute_dtype)
+    if compute_dtype not in COMPUTE_DTYPES.values():
+        raise ValueError(f"compute dtype {compute_dtype!r} is not one of {list(COMPUTE_DTYPES)}")
+    src, out = Path(src), Path(out)
+    max_shard_bytes = parse_size(max_shard_size)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+        raise CheckpointError(f"output {out} must not be the input or inside it")
+    if out.exists() and out.resolve() in src.resolve().parents:
+        raise CheckpointError(f"output {out} must not contain the input {src}")
+    started = time.perf_counter()
+    ckpt = Checkpoint(src)
+    already = [k for k in ckpt.entries if QUANT_STATE_PREFIX in k or k.endswith(".SCB")]
+    if already:
+        raise CheckpointError(f"{src} is already quantized ({already[0]!r}); dequantize it first")
+    listing = [(e.name, e.dtype, list(e.shape)) for e in ckpt.entries.values()]
+    chosen = select_tensors(listing, only, skip)
+    config = ckpt.config()
+
+    with staged_output(out, overwrite) as staging:
+        conv = _core.Converter(
+            [str(f) for f in ckpt.files],
+            str(staging),
+            chosen,
+            method=method,
+            blocksize=blocksize,
+            double_quant=double_quant,
+            max_shard_bytes=max_shard_bytes,
+            error_stats=error_stats,
+            threads=threads,
+        )
+        plan = conv.plan()
+        if on_plan is not None:
+            on_plan(plan)
+        reports = []
+        try:
+            while (report := conv.step()) is not None:
+                reports.append(report)
+                if on_tensor is not None:
+                    on_tensor(report)
+            conv.finish()
+        except BaseException:
+            conv.abort()
+            raise
+        if src.is_dir():
+            copy_side_files(src, staging)
+        if config is not None:
+            # Linear-shaped weights left in full precision must stay plain nn.Linear on load;
+            # lm_head is listed even when absent (tied) because transformers would otherwise
+            # expect a packed one.
+            kept = sorted(
+                {t["name"].removesuffix(".weight") for t in plan if not t["quantize"] and len(t["shape"]) == 2}
+                | {"lm_head"}
+            )
+            config["quantization_config"] = quantization_config(method, double_quant, compute_dtype, kept)
+            _write_json(staging / CONFIG_FILE, config)
+        shards = sorted(p.name for p in staging.glob("*.safetensors"))
+
+    quantized = [r for r in reports if r["quantized"]]
+    n_q = sum(r["num_elements"] for r in quantized)
+    summary = QuantizeSummary(
+        output=out,
+        method=method,
+        tensors=len(reports),
+        quantized=len(quantized),
+        params_quantized=n_q,
+        bytes_in=sum(r["in_bytes"] for r in reports),
+        bytes_out=sum(r["out_bytes"] for r in reports),
+        bytes_quantized_out=sum(r["out_bytes"] for r in quantized),
+        seconds=time.perf_counter() - started,
+        shards=shards,
+    )
+    with_stats = [r for r in quantized if r["stats"] is not None]
+    if with_stats and n_q:
+        summary.rmse = float(np.sqrt(sum(r["stats"]["rmse"] ** 2 * r["num_elements"] for r in with_stats) / n_q))
+        summary.max_abs = max(r["stats"]["max_abs"] for r in with_stats)
+        summary.sqnr_db = float(np.mean([r["stats"]["sqnr_db"] for r in with_stats]))
+    return summary
+
+
+# ----------------------------------------------------------------------------- dequantize
+
+
+def dequantize_checkpoint(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    on_tensor: Callable[[str], None] | None = None,
+) -> int:
+    """Writes a plain safetensors copy of a packed checkpoint (one output shard per input
+    shard, so memory peaks at one shard). Dequantized weights take ``dtype`` (default: the
+    dtype recorded in their quant state; float32 for int8); other tensors are copied as
+    they are. Returns the number of weights dequantized."""
+    dtype = COMPUTE_DTYPES.get(dtype, dtype) if dtype else None
+    if dtype is not None and dtype not in COMPUTE_DTYPES.values():
+        raise ValueError(f"dtype {dtype!r} is not one of {list(COMPUTE_DTYPES)}")
+    src, out = Path(src), Path(out)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    ckpt = Checkpoint(src)
+    weights = packed_weights(ckpt)
+    owned = {k: w for w in weights.values() for k in w.keys}
+    sharded = len(ckpt.files) > 1
+    weight_map: dict[str, str] = {}
+    total = 0
+    with staged_output(out, overwrite) as staging:
+        for f in ckpt.files:
+            file_name = f.name if sharded else "model.safetensors"
+            items = []
+            for e in ckpt.entries.values():
+                if e.file != f:
+                    continue
+                w = owned.get(e.name)
+                if w is not None and e.name != w.name:
+                    continue  # a constant of a packed weight
+                if w is not None:
+                    arr = dequantize_weight(ckpt, w, dtype)
+                    arr_dtype = dtype or (w.dtype if w.format != "int8" else "float32")
+                    st_dtype = _SAFETENSORS_NAMES[arr_dtype]
+                else:
+                    arr, st_dtype = ckpt.read(e.name), e.dtype
+                arr = np.ascontiguousarray(arr)
+                items.append((e.name, st_dtype, list(arr.shape), arr.reshape(-1).view(np.uint8)))
+                weight_map[e.name] = file_name
+                total += arr.nbytes
+                if on_tensor is not None:
+                    on_tensor(e.name)
+            _core.write_safetensors_file(str(staging / file_name), items, {"format": "pt"})
+        if sharded:
+            _write_json(staging / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+        if ckpt.path.is_dir():
+            copy_side_files(ckpt.path, staging)
+        config = ckpt.config()
+        if config is not None:
+            config.pop("quantization_config", None)
+            _write_json(staging / CONFIG_FILE, config)
+    return len(weights)
+
+
+# ----------------------------------------------------------------------------- inspect, verify
+
+
+def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A description of every tensor: format, shape, dtype, bytes and bits per parameter."""
+    ckpt = Checkpoint(path)
+    weights = packed_weights(ckpt)
+    owned = {k for w in weights.values() for k in w.keys}
+    rows = []
+    for w in weights.values():
+        nbytes = _nbytes(ckpt, w.keys)
+        fmt = w.format + ("+dq" if w.double_quant else "") + (f"/{w.blocksize}" if w.blocksize else "")
+        rows.append(
+            {
+                "name": w.name,
+                "format": fmt,
+                "shape": list(w.shape),
+                "dtype": w.dtype,
+                "bytes": nbytes,
+                "params": w.numel,
+                "bits_per_param": 8 * nbytes / max(w.numel, 1),
+            }
+        )
+    for e in ckpt.entries.values():
+        if e.name in owned:
+            continue
+        n = int(np.prod(e.shape, dtype=np.int64))
+        rows.append(
+            {
+                "name": e.name,
+                "format": "plain",
+                "shape": list(e.shape),
+                "dtype": e.dtype,
+                "bytes": e.nbytes,
+                "params": n,
+                "bits_per_param": 8 * e.nbytes / n if n else 0.0,
+            }
+        )
+    rows.sort(key=lambda r: r["name"])
+    config = ckpt.config() or {}
+    return {
+        "path": str(ckpt.path),
+        "files": [str(f) for f in ckpt.files],
+        "metadata": ckpt.metadata,
+        "quantization_config": config.get("quantization_config"),
+        "tensors": rows,
+        "total_bytes": sum(r["bytes"] for r in rows),
+        "total_params": sum(r["params"] for r in rows),
+    }
+
+
+@dataclass
+class VerifyRow:
+    name: str
+    format: str
+    ok: bool
+    note: str = ""
+    rmse: float | None = None
+    max_abs: float | None = None
+    sqnr_db: float | None = None
+
+
+def verify_checkpoint(original: str | os.PathLike, packed: str | os.PathLike) -> list[VerifyRow]:
+    """Compares every tensor of ``packed`` with ``original``: error statistics for packed
+    weights, exact equality for everything else. A row is not ok when a tensor is missing,
+    shapes differ, or a copied tensor changed."""
+    from .stats import error_stats
+
+    orig, pk = Checkpoint(original), Checkpoint(packed)
+    weights = packed_weights(pk)
+    owned = {k for w in weights.values() for k in w.keys}
+    rows = []
+    for w in weights.values():
+        if w.name not in orig:
+            rows.append(VerifyRow(w.name, w.format, False, "missing from the original"))
+            continue
+        ref = orig.read(w.name)
+        if tuple(ref.shape) != tuple(w.shape):
+            rows.append(VerifyRow(w.name, w.format, False, f"shape {list(ref.shape)} vs {list(w.shape)}"))
+            continue
+        s = error_stats(np.ascontiguousarray(ref), dequantize_weight(pk, w, "float32"))
+        rows.append(VerifyRow(w.name, w.format, True, "", s.rmse, s.max_abs, s.sqnr_db))
+    for e in pk.entries.values():
+        if e.name in owned:
+            continue
+        if e.name not in orig:
+            rows.append(VerifyRow(e.name, "plain", False, "missing from the original"))
+        elif orig.entries[e.name].dtype != e.dtype or orig.entries[e.name].shape != e.shape:
+            rows.append(VerifyRow(e.name, "plain", False, "dtype or shape differs"))
+        else:
+            same = orig.read(e.name).tobytes() == pk.read(e.name).tobytes()
+            rows.append(VerifyRow(e.name, "plain", same, "identical" if same else "bytes differ"))
+    for name in orig.entries:
+        if name not in pk and name not in weights:
+            rows.append(VerifyRow(name, "-", False, "missing from the packed checkpoint"))
+    rows.sort(key=lambda r: r.name)
+    return rows
