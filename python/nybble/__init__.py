@@ -19,6 +19,29 @@ from .quant import (
 )
 from .stats import ErrorStats, error_stats
 
+
+def __getattr__(name):
+    # torch is an optional extra: the modules and model API load on first use.
+    lazy = {
+        "nn": ("nybble.nn", None),
+        "quantize_model": ("nybble.model", "quantize_model"),
+        "add_lora": ("nybble.model", "add_lora"),
+        "merge_adapters": ("nybble.model", "merge_adapters"),
+        "dequantize_model": ("nybble.model", "dequantize_model"),
+        "set_adapters_enabled": ("nybble.model", "set_adapters_enabled"),
+        "adapters_disabled": ("nybble.model", "adapters_disabled"),
+        "save_adapter": ("nybble.model", "save_adapter"),
+        "load_adapter": ("nybble.model", "load_adapter"),
+        "load_quantized": ("nybble.model", "load_quantized"),
+    }
+    if name not in lazy:
+        raise AttributeError(f"module 'nybble' has no attribute {name!r}")
+    import importlib
+
+    module, attr = lazy[name]
+    mod = importlib.import_module(module)
+    return mod if attr is None else getattr(mod, attr)
+
 __all__ = [
     "CorruptFileError",
     "ErrorStats",

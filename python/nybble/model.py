@@ -1,0 +1,317 @@
+"""Model-level API: quantize any torch model in place, add / merge / save LoRA adapters in
+PEFT's format, and build a model straight from a packed checkpoint."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .nn import Linear4bit, Linear8bitLt, LoraLinear
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+_QUANTIZED = (Linear4bit, Linear8bitLt)
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _name_matches(name: str, patterns: Iterable[str]) -> bool:
+    """PEFT's rule: a pattern names a module by its full path or its last components."""
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def _output_layer_names(model: nn.Module) -> set[str]:
+    names = {"lm_head"}
+    get = getattr(model, "get_output_embeddings", None)
+    out = get() if callable(get) else None
+    if out is not None:
+        names |= {n for n, m in model.named_modules() if m is out}
+    return names
+
+
+def quantize_model(
+    model: nn.Module,
+    quant: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = True,
+    compute_dtype: torch.dtype | None = None,
+    skip_modules: Iterable[str] = ("lm_head",),
+    threshold: float = 6.0,
+) -> nn.Module:
+    """Replaces every ``nn.Linear`` (but the output layer and ``skip_modules``) with a
+    :class:`Linear4bit` (``quant="nf4"|"fp4"``) or :class:`Linear8bitLt` (``"int8"``), in place."""
+    if quant not in ("nf4", "fp4", "int8"):
+        raise ValueError(f"quant {quant!r} is not one of 'nf4', 'fp4', 'int8'")
+    skip = set(skip_modules) | _output_layer_names(model)
+    targets = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and not _name_matches(n, skip)]
+    for name, lin in targets:
+        if quant == "int8":
+            new = Linear8bitLt.from_linear(lin, threshold=threshold)
+        else:
+            new = Linear4bit.from_linear(lin, quant, blocksize, double_quant, compute_dtype)
+        _set_module(model, name, new)
+    return model
+
+
+def _lora_targets(model: nn.Module, target_modules) -> list[str]:
+    linear_types = (nn.Linear, *_QUANTIZED)
+    out_names = _output_layer_names(model)
+    names = []
+    for n, m in model.named_modules():
+        if not isinstance(m, linear_types) or isinstance(m, LoraLinear) or ".base_layer" in n or n.endswith("lora_A") or n.endswith("lora_B"):
+            continue
+        if target_modules == "all-linear":
+            if not _name_matches(n, out_names):
+                names.append(n)
+        elif _name_matches(n, [target_modules] if isinstance(target_modules, str) else target_modules):
+            names.append(n)
+    return names
+
+
+def add_lora(
+    model: nn.Module,
+    r: int = 8,
+    alpha: float = 16.0,
+    target_modules: str | Iterable[str] = "all-linear",
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+    init: str = "kaiming",
+) -> nn.Module:
+    """Wraps the target Linear layers (plain or quantized) in :class:`LoraLinear` and freezes
+    everything but the adapters. ``"all-linear"``: every Linear but the output layer."""
+    names = _lora_targets(model, target_modules)
+    if not names:
+        raise ValueError(f"no Linear layer matches target_modules={target_modules!r}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for n in names:
+        _set_module(model, n, LoraLinear(model.get_submodule(n), r, alpha, dropout, use_rslora, init))
+    model._nybble_lora = {"r": r, "alpha": alpha, "dropout": dropout, "use_rslora": use_rslora,
+                          "target_modules": target_modules if isinstance(target_modules, str) else sorted(set(target_modules))}
+    return model
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def set_adapters_enabled(model: nn.Module, enabled: bool) -> None:
+    for m in lora_layers(model).values():
+        m.disabled = not enabled
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    set_adapters_enabled(model, False)
+    try:
+        yield
+    finally:
+        set_adapters_enabled(model, True)
+
+
+def merge_adapters(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Folds each adapter into its base layer, leaving dense ``nn.Linear`` layers of ``dtype``
+    (a quantized base is decoded first): the merged 16-bit model to export."""
+    for n, m in lora_layers(model).items():
+        _set_module(model, n, m.merged_linear(dtype))
+    return model
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Replaces quantized Linear layers by dense ones of ``dtype`` (after merging adapters)."""
+    merge_adapters(model, dtype)
+    for n, m in [(n, m) for n, m in model.named_modules() if isinstance(m, _QUANTIZED)]:
+        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, dtype=dtype, device=m.weight.device)
+        with torch.no_grad():
+            lin.weight.copy_(m.dequantized_weight(torch.float32).to(dtype))
+            if m.bias is not None:
+                lin.bias.copy_(m.bias.to(dtype))
+        _set_module(model, n, lin)
+    return model
+
+
+# ---------------------------------------------------------------------- PEFT format
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter weights under PEFT's key names (``base_model.model.<path>.lora_A.weight``)."""
+    out = {}
+    for n, m in lora_layers(model).items():
+        out[f"{PEFT_PREFIX}{n}.lora_A.weight"] = m.lora_A.weight.detach().contiguous()
+        out[f"{PEFT_PREFIX}{n}.lora_B.weight"] = m.lora_B.weight.detach().contiguous()
+    return out
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> None:
+    """Writes ``adapter_config.json`` + ``adapter_model.safetensors`` that
+    ``peft.PeftModel.from_pretrained`` loads."""
+    from safetensors.torch import save_file
+
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA adapters")
+    first = next(iter(layers.values()))
+    if any((m.r, m.alpha, m.use_rslora) != (first.r, first.alpha, first.use_rslora) for m in layers.values()):
+        raise ValueError("adapters with different r / alpha cannot share one PEFT config")
+    dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": first.r,
+        "lora_alpha": first.alpha,
+        "lora_dropout": dropout,
+        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in layers}),
+        "bias": "none",
+        "use_rslora": first.use_rslora,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "use_dora": False,
+    }
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.cpu() for k, v in adapter_state_dict(model).items()}
+    tmp = path / f".{ADAPTER_WEIGHTS}.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path / ADAPTER_WEIGHTS)
+    (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Loads a PEFT LoRA adapter (from nybble or PEFT) into ``model``, adding LoRA layers
+    where the model has none yet."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    config = json.loads((path / ADAPTER_CONFIG).read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{path}: peft_type {config.get('peft_type')!r} is not LORA")
+    if config.get("use_dora"):
+        raise ValueError(f"{path}: DoRA adapters are not supported")
+    weights = load_file(str(path / ADAPTER_WEIGHTS))
+    layer_names = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in weights if k.startswith(PEFT_PREFIX)})
+    if not layer_names:
+        raise ValueError(f"{path}: no LoRA weights under {PEFT_PREFIX!r}")
+    existing = lora_layers(model)
+    r, alpha = int(config["r"]), float(config["lora_alpha"])
+    for n in layer_names:
+        if n not in existing:
+            try:
+                base = model.get_submodule(n)
+            except AttributeError:
+                raise ValueError(f"{path}: adapter layer {n!r} is not in the model") from None
+            for p in base.parameters():
+                p.requires_grad_(False)
+            existing[n] = LoraLinear(base, r, alpha, float(config.get("lora_dropout") or 0.0), bool(config.get("use_rslora")))
+            _set_module(model, n, existing[n])
+        layer = existing[n]
+        with torch.no_grad():
+            for part in ("lora_A", "lora_B"):
+                w = weights[f"{PEFT_PREFIX}{n}.{part}.weight"]
+                target = getattr(layer, part).weight
+                if w.shape != target.shape:
+                    raise ValueError(f"{path}: {n}.{part} has shape {tuple(w.shape)}, layer expects {tuple(target.shape)}")
+                target.copy_(w)
+    return model
+
+
+# ---------------------------------------------------------------------- packed checkpoints
+
+
+@contextlib.contextmanager
+def _linear_weights_on_meta() -> Iterator[None]:
+    """While building a model, nn.Linear layers allocate nothing (their weights arrive packed)."""
+    original = nn.Linear.__init__
+
+    def init(self, in_features, out_features, bias=True, device=None, dtype=None):
+        original(self, in_features, out_features, bias, device="meta", dtype=dtype)
+
+    nn.Linear.__init__ = init
+    try:
+        yield
+    finally:
+        nn.Linear.__init__ = original
+
+
+def load_quantized(
+    path: str | os.PathLike,
+    model_class=None,
+    compute_dtype: torch.dtype | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    """Builds a model from a packed checkpoint folder (written by ``nybble quantize`` or by
+    transformers + bitsandbytes) without materializing 16-bit Linear weights.
+
+    ``model_class`` defaults to ``transformers.AutoModel``; any class with ``from_config``
+    works. Non-quantized tensors load in ``dtype``."""
+    from .checkpoint import Checkpoint
+
+    path = Path(path)
+    ckpt = Checkpoint(path)
+    cfg = ckpt.config()
+    if cfg is None or "quantization_config" not in cfg:
+        raise ValueError(f"{path}: config.json with a quantization_config is required")
+    qc = cfg["quantization_config"]
+    if model_class is None:
+        import transformers
+
+        model_class = transformers.AutoModel
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(path))
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with _linear_weights_on_meta():
+        model = model_class.from_config(config, dtype=dtype) if hasattr(model_class, "from_config") else model_class(config)
+    model.eval()
+    four_bit = bool(qc.get("load_in_4bit"))
+    if compute_dtype is None and four_bit:
+        compute_dtype = getattr(torch, str(qc.get("bnb_4bit_compute_dtype", "float32")).replace("torch.", ""))
+
+    names = set(ckpt.entries)
+    for n, lin in [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]:
+        qs_key = next((k for k in (f"{n}.weight.quant_state.bitsandbytes__{t}" for t in ("nf4", "fp4")) if k in names), None)
+        if four_bit and qs_key is not None:
+            qs = ckpt.read_json(qs_key)
+            new = Linear4bit(lin.in_features, lin.out_features, lin.bias is not None, qs["quant_type"],
+                             int(qs["blocksize"]), "nested_blocksize" in qs, compute_dtype)
+        elif not four_bit and f"{n}.SCB" in names:
+            new = Linear8bitLt(lin.in_features, lin.out_features, lin.bias is not None,
+                               float(qc.get("llm_int8_threshold", 6.0)))
+        else:
+            continue
+        _set_module(model, n, new)
+
+    state = {}
+    for name in names:
+        arr = ckpt.read(name)
+        if arr.dtype.name == "bfloat16":
+            state[name] = torch.from_numpy(arr.view(np.int16).copy()).view(torch.bfloat16)
+        else:
+            state[name] = torch.from_numpy(arr.copy())
+    model.load_state_dict(state, strict=False, assign=True)
+    still_meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if still_meta:
+        raise ValueError(f"{path}: checkpoint lacks tensors for {still_meta[:5]}{'...' if len(still_meta) > 5 else ''}")
+    for n, p in model.named_parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model

@@ -1,0 +1,109 @@
+"""Where the modules' heavy ops run: the Rust core for CPU tensors, nybble.kernels (CuPy
+kernels, or their torch references) for CUDA tensors."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import _core
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    """A zero-copy numpy view of a contiguous CPU tensor (16-bit floats as uint16)."""
+    t = t.detach().contiguous().reshape(-1)
+    if t.dtype in (torch.float16, torch.bfloat16):
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def decode_absmax(absmax: torch.Tensor, nested: dict | None) -> torch.Tensor:
+    """float32 absmax per block, decoding the double quantization if present."""
+    if nested is None:
+        return absmax
+    if absmax.is_cuda:
+        from .. import kernels
+
+        return kernels.decode_absmax(
+            absmax, nested["nested_absmax"], nested["nested_code"], nested["offset"], nested["blocksize"]
+        )
+    out = _core.double_dequantize(
+        _np(absmax),
+        _np(nested["nested_absmax"]),
+        float(nested["offset"]),
+        _np(nested["nested_code"]),
+        int(nested["blocksize"]),
+    )
+    return torch.from_numpy(out)
+
+
+def dequantize_4bit(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    shape: tuple[int, ...],
+    blocksize: int,
+    quant_type: str,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Decodes a packed 4-bit weight (float32 absmax) into a dense tensor of ``dtype``."""
+    if packed.is_cuda:
+        from .. import kernels
+
+        return kernels.dequantize_4bit(packed, absmax, tuple(shape), blocksize, quant_type, dtype)
+    n = int(np.prod(shape))
+    core_dtype = _DTYPE_NAMES.get(dtype, "float32")
+    flat = _core.dequantize_4bit(_np(packed), _np(absmax), n, blocksize, quant_type, core_dtype)
+    if core_dtype == "float32":
+        out = torch.from_numpy(flat)
+    else:
+        out = torch.from_numpy(flat.view(np.int16)).view(dtype)
+    return out.reshape(shape).to(dtype)
+
+
+def quantize_4bit(w: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packs a dense weight: (uint8 ((n+1)//2, 1), float32 absmax)."""
+    if w.is_cuda:
+        from .. import kernels
+
+        return kernels.quantize_4bit(w, blocksize, quant_type)
+    w = w.detach()
+    if w.dtype not in _DTYPE_NAMES:
+        w = w.float()
+    packed, absmax = _core.quantize_4bit(_np(w), _DTYPE_NAMES[w.dtype], blocksize, quant_type)
+    return torch.from_numpy(packed).reshape(-1, 1), torch.from_numpy(absmax)
+
+
+def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    code = torch.from_numpy(_core.dynamic_map(True))
+    codes, nested_absmax, offset = _core.double_quantize(_np(absmax.cpu()), _np(code), 256)
+    nested = {
+        "nested_absmax": torch.from_numpy(nested_absmax).to(absmax.device),
+        "nested_code": code.to(absmax.device),
+        "offset": float(offset),
+        "blocksize": 256,
+    }
+    return torch.from_numpy(codes).to(absmax.device), nested
+
+
+def int8_vectorwise_quant(x: torch.Tensor, threshold: float):
+    """LLM.int8() quantization of a (rows, cols) matrix: (q int8, row_absmax f32, outlier_cols)."""
+    if x.is_cuda:
+        from .. import kernels
+
+        return kernels.int8_vectorwise_quant(x, threshold)
+    x = x.detach()
+    if x.dtype not in _DTYPE_NAMES:
+        x = x.float()
+    rows, cols = x.shape
+    q, stats, oc = _core.int8_vectorwise_quant(_np(x), _DTYPE_NAMES[x.dtype], rows, cols, float(threshold))
+    return torch.from_numpy(q).reshape(rows, cols), torch.from_numpy(stats), torch.from_numpy(oc)
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """int8 (M, K) @ int8 (N, K)^T -> int32 (M, N), exact."""
+    if a.is_cuda and a.shape[0] > 16:
+        return torch._int_mm(a, b.t())
+    # float64 holds every int32 accumulation exactly (|acc| < 2^53).
+    return (a.double() @ b.double().t()).to(torch.int32)

@@ -1,0 +1,117 @@
+"""LLM.int8() Linear (Dettmers et al., 2022): int8 weight with per-row scales, int8 x int8
+matmul for the regular features, 16-bit matmul for the outlier feature columns."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import _dispatch
+
+
+class _Int8Linear(torch.autograd.Function):
+    """Forward: vector-wise int8 matmul plus 16-bit outlier columns. Backward: dX through the
+    int8 weight decoded on the fly (no dense copy kept between forward and backward)."""
+
+    @staticmethod
+    def forward(ctx, x2d, module, bias):
+        w_q, scb = module.weight, module.SCB
+        q, row_absmax, outlier_cols = _dispatch.int8_vectorwise_quant(x2d, module.threshold)
+        acc = _dispatch.int8_matmul(q, w_q)
+        # acc * (row scale of X) * (row scale of W) / 127^2, in float32.
+        out = acc.float() * (row_absmax.float()[:, None] * scb[None, :] / (127.0 * 127.0))
+        if outlier_cols.numel():
+            cols = outlier_cols.to(x2d.device)
+            w_cols = w_q[:, cols].float() * (scb[:, None] / 127.0)
+            out = out + x2d[:, cols].float() @ w_cols.t()
+        if bias is not None:
+            out = out + bias.float()
+        ctx.module = module
+        return out.to(x2d.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ ctx.module.dequantized_weight(grad_out.dtype)
+        return grad_x, None, None
+
+
+class Linear8bitLt(nn.Module):
+    """A frozen LLM.int8() Linear. State-dict keys follow bitsandbytes: ``weight`` int8
+    (out, in), ``SCB`` float32 (out,) row absmax, ``weight_format`` uint8 0 (row-major)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, threshold: float = 6.0, device=None):
+        super().__init__()
+        if not threshold >= 0:
+            raise ValueError(f"threshold must be >= 0, got {threshold}")
+        self.in_features, self.out_features, self.threshold = in_features, out_features, float(threshold)
+        self.register_buffer("weight", torch.zeros((out_features, in_features), dtype=torch.int8, device=device))
+        # float32 row scales kept as int32 bits so module.to(dtype) cannot round them.
+        self.register_buffer("scb_bits", torch.zeros(out_features, dtype=torch.int32, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+
+    @property
+    def SCB(self) -> torch.Tensor:  # noqa: N802 - bitsandbytes' name
+        return self.scb_bits.view(torch.float32)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, threshold: float = 6.0) -> "Linear8bitLt":
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, threshold, linear.weight.device)
+        m.set_weight(linear.weight)
+        if linear.bias is not None:
+            m.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return m
+
+    @torch.no_grad()
+    def set_weight(self, w: torch.Tensor) -> None:
+        q, scb, _ = _dispatch.int8_vectorwise_quant(w.detach(), 0.0)
+        self.weight = q.to(self.weight.device)
+        self.scb_bits = scb.float().contiguous().view(torch.int32).to(self.weight.device)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.weight.float() * (self.SCB[:, None] / 127.0)).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2d = x.reshape(-1, shape[-1])
+        bias = None if self.bias is None else self.bias
+        out = _Int8Linear.apply(x2d, self, bias)
+        return out.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, threshold={self.threshold}")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.weight.detach()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+        destination[prefix + "SCB"] = self.SCB.detach()
+        destination[prefix + "weight_format"] = torch.tensor(0, dtype=torch.uint8)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        for k in ("weight", "SCB"):
+            if prefix + k not in state_dict:
+                missing_keys.append(prefix + k)
+        if any(prefix + k not in state_dict for k in ("weight", "SCB")):
+            return
+        w = state_dict[prefix + "weight"]
+        if w.dtype != torch.int8 or tuple(w.shape) != (self.out_features, self.in_features):
+            error_msgs.append(f"{prefix}weight: expected int8 ({self.out_features}, {self.in_features}), "
+                              f"got {w.dtype} {tuple(w.shape)}")
+            return
+        fmt = state_dict.get(prefix + "weight_format")
+        if fmt is not None and int(fmt) != 0:
+            error_msgs.append(f"{prefix}weight_format {int(fmt)} is not row-major (0)")
+            return
+        dev = self.weight.device
+        self.weight = w.to(dev).contiguous()
+        self.scb_bits = state_dict[prefix + "SCB"].to(dev).float().contiguous().view(torch.int32)
+        if self.bias is not None:
+            if prefix + "bias" in state_dict:
+                self.bias = nn.Parameter(state_dict[prefix + "bias"].to(dev).clone(), requires_grad=False)
+            else:
+                missing_keys.append(prefix + "bias")
+        known = {prefix + k for k in ("weight", "bias", "SCB", "weight_format")}
+        unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in known)

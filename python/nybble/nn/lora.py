@@ -1,0 +1,87 @@
+"""LoRA adapters (Hu et al., 2021) over any Linear: plain, 4-bit or LLM.int8().
+
+``y = base(x) + s * B(A(dropout(x)))`` with ``s = alpha / r`` (rsLoRA: ``alpha / sqrt(r)``).
+A starts random (Kaiming-uniform as PEFT does, or Gaussian), B at zero, so a fresh adapter
+leaves the model unchanged. Only A and B train; the base layer is frozen.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class LoraLinear(nn.Module):
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+    ):
+        super().__init__()
+        if r <= 0:
+            raise ValueError(f"LoRA rank r must be positive, got {r}")
+        in_f, out_f = base_layer.in_features, base_layer.out_features
+        self.base_layer = base_layer
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        self.in_features, self.out_features = in_f, out_f
+        self.r, self.alpha, self.use_rslora = r, float(alpha), use_rslora
+        self.scaling = self.alpha / (math.sqrt(r) if use_rslora else r)
+        device = next((t.device for t in base_layer.buffers()), None) or next(
+            (p.device for p in base_layer.parameters()), None
+        )
+        dtype = torch.float32
+        self.lora_A = nn.Linear(in_f, r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(r, out_f, bias=False, device=device, dtype=dtype)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_lora_parameters(init)
+        self.disabled = False
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, init: str = "kaiming") -> None:
+        if init == "kaiming":
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        elif init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / self.r)
+        else:
+            raise ValueError(f"init {init!r} is not 'kaiming' or 'gaussian'")
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.disabled:
+            return out
+        a = self.lora_A.weight
+        h = self.lora_dropout(x).to(a.dtype)
+        delta = self.lora_B(self.lora_A(h)) * self.scaling
+        return out + delta.to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update ``s * B A`` (out, in) in float32."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    def base_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        base = self.base_layer
+        if hasattr(base, "dequantized_weight"):
+            return base.dequantized_weight(dtype)
+        return base.weight.detach().to(dtype)
+
+    def merged_linear(self, dtype: torch.dtype = torch.bfloat16) -> nn.Linear:
+        """A dense nn.Linear holding base + adapter (the adapter is folded in)."""
+        w = self.base_weight(torch.float32) + self.delta_weight()
+        bias = getattr(self.base_layer, "bias", None)
+        lin = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=w.device, dtype=dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w.to(dtype))
+            if bias is not None:
+                lin.bias.copy_(bias.detach().to(dtype))
+        return lin
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, disabled={self.disabled}"
