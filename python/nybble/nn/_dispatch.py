@@ -19,6 +19,38 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
+# The CPU ops are torch custom ops so torch.compile treats them as opaque calls instead of
+# breaking the graph at the Rust extension.
+
+
+@torch.library.custom_op("nybble::decode_absmax", mutates_args=())
+def _decode_absmax_cpu(
+    codes: torch.Tensor, nested_absmax: torch.Tensor, nested_code: torch.Tensor, offset: float, blocksize: int
+) -> torch.Tensor:
+    out = _core.double_dequantize(_np(codes), _np(nested_absmax), offset, _np(nested_code), blocksize)
+    return torch.from_numpy(out)
+
+
+@_decode_absmax_cpu.register_fake
+def _(codes, nested_absmax, nested_code, offset, blocksize):
+    return codes.new_empty(codes.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("nybble::dequantize_4bit", mutates_args=())
+def _dequantize_4bit_cpu(
+    packed: torch.Tensor, absmax: torch.Tensor, rows: int, cols: int, blocksize: int, quant_type: str, dtype: torch.dtype
+) -> torch.Tensor:
+    core_dtype = _DTYPE_NAMES[dtype]
+    flat = _core.dequantize_4bit(_np(packed), _np(absmax), rows * cols, blocksize, quant_type, core_dtype)
+    out = torch.from_numpy(flat) if core_dtype == "float32" else torch.from_numpy(flat.view(np.int16)).view(dtype)
+    return out.reshape(rows, cols)
+
+
+@_dequantize_4bit_cpu.register_fake
+def _(packed, absmax, rows, cols, blocksize, quant_type, dtype):
+    return packed.new_empty((rows, cols), dtype=dtype)
+
+
 def decode_absmax(absmax: torch.Tensor, nested: dict | None) -> torch.Tensor:
     """float32 absmax per block, decoding the double quantization if present."""
     if nested is None:
@@ -29,14 +61,9 @@ def decode_absmax(absmax: torch.Tensor, nested: dict | None) -> torch.Tensor:
         return kernels.decode_absmax(
             absmax, nested["nested_absmax"], nested["nested_code"], nested["offset"], nested["blocksize"]
         )
-    out = _core.double_dequantize(
-        _np(absmax),
-        _np(nested["nested_absmax"]),
-        float(nested["offset"]),
-        _np(nested["nested_code"]),
-        int(nested["blocksize"]),
+    return _decode_absmax_cpu(
+        absmax, nested["nested_absmax"], nested["nested_code"], float(nested["offset"]), int(nested["blocksize"])
     )
-    return torch.from_numpy(out)
 
 
 def dequantize_4bit(
@@ -52,14 +79,9 @@ def dequantize_4bit(
         from .. import kernels
 
         return kernels.dequantize_4bit(packed, absmax, tuple(shape), blocksize, quant_type, dtype)
-    n = int(np.prod(shape))
-    core_dtype = _DTYPE_NAMES.get(dtype, "float32")
-    flat = _core.dequantize_4bit(_np(packed), _np(absmax), n, blocksize, quant_type, core_dtype)
-    if core_dtype == "float32":
-        out = torch.from_numpy(flat)
-    else:
-        out = torch.from_numpy(flat.view(np.int16)).view(dtype)
-    return out.reshape(shape).to(dtype)
+    rows, cols = shape
+    decode = dtype if dtype in _DTYPE_NAMES else torch.float32
+    return _dequantize_4bit_cpu(packed, absmax, rows, cols, blocksize, quant_type, decode).to(dtype)
 
 
 def quantize_4bit(w: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,191 @@
+"""torch modules: quantized Linear layers and LoRA, against dense float64 references."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import nybble
+from nybble.nn import Linear4bit, Linear8bitLt, LoraLinear
+
+
+def make_linear(rng, in_f, out_f, bias=True):
+    lin = nn.Linear(in_f, out_f, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(rng.standard_normal((out_f, in_f)).astype(np.float32) * 0.05))
+        if bias:
+            lin.bias.copy_(torch.from_numpy(rng.standard_normal(out_f).astype(np.float32)))
+    return lin
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("shape", [(17, 5), (64, 48), (33, 129)])
+def test_linear4bit_forward_backward_against_float64(rng, quant_type, double_quant, shape):
+    lin = make_linear(rng, *shape)
+    q = Linear4bit.from_linear(lin, quant_type=quant_type, double_quant=double_quant, compute_dtype=torch.float64)
+    # The decoded weight is the module's definition of W; the float64 reference uses it.
+    packed, st = nybble.quantize_4bit(lin.weight.detach(), quant_type=quant_type, double_quant=double_quant)
+    w = torch.from_numpy(np.asarray(nybble.dequantize_4bit(packed, st))).double()
+    assert torch.equal(q.dequantized_weight(torch.float32).double(), w)
+    x = torch.from_numpy(rng.standard_normal((7, shape[0]))).requires_grad_(True)
+    y = q(x)
+    ref = x.detach() @ w.t() + lin.bias.detach().double()
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(q, (x,))
+    g = torch.from_numpy(rng.standard_normal(y.shape))
+    (gx,) = torch.autograd.grad(y, x, g)
+    torch.testing.assert_close(gx, g @ w, rtol=1e-12, atol=1e-12)
+    assert not q.bias.requires_grad
+
+
+def test_linear4bit_does_not_keep_dense_weight_for_backward(rng):
+    lin = make_linear(rng, 256, 256)
+    q = Linear4bit.from_linear(lin, compute_dtype=torch.float32)
+    x = torch.randn(4, 256, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = q(x)
+    assert all(t.numel() < 256 * 256 for t in saved)
+    y.sum().backward()
+    assert x.grad is not None
+
+
+def test_linear4bit_state_dict_round_trip_and_to(rng):
+    lin = make_linear(rng, 40, 24)
+    q = Linear4bit.from_linear(lin)
+    sd = q.state_dict()
+    assert sd["weight"].dtype == torch.uint8 and sd["weight"].shape == (480, 1)
+    assert sd["weight.absmax"].dtype == torch.uint8
+    assert "weight.quant_state.bitsandbytes__nf4" in sd
+    q2 = Linear4bit(40, 24)
+    assert q2.load_state_dict(sd).missing_keys == []
+    x = torch.randn(3, 40)
+    torch.testing.assert_close(q2(x), q(x), rtol=0, atol=0)
+    before = q.float_absmax().clone()
+    q.to(torch.bfloat16)  # must not round the float32 constants
+    torch.testing.assert_close(q.float_absmax(), before, rtol=0, atol=0)
+    assert q(x.bfloat16()).dtype == torch.bfloat16
+    with pytest.raises(RuntimeError, match="blocksize"):
+        Linear4bit(40, 24, blocksize=128).load_state_dict(sd)
+    with pytest.raises(RuntimeError, match="fp4"):
+        Linear4bit(40, 24, quant_type="nf4").load_state_dict(Linear4bit.from_linear(lin, quant_type="fp4").state_dict())
+
+
+def test_linear8bit_forward_matches_llm_int8_reference(rng):
+    lin = make_linear(rng, 64, 32)
+    q = Linear8bitLt.from_linear(lin, threshold=6.0)
+    x = torch.from_numpy(rng.standard_normal((9, 64)).astype(np.float32))
+    x[2, 5] = 10.0
+    x[7, 40] = -8.0
+    y = q(x)
+    # float64 reference of the decomposition.
+    w = lin.weight.detach().double()
+    scb = w.abs().max(1).values.float().double()
+    wq = torch.round(w.float() * (1.0 / scb.float()[:, None]) * 127).double()
+    cols = torch.tensor([5, 40])
+    xd = x.double().clone()
+    xo = xd[:, cols].clone()
+    xd[:, cols] = 0
+    ra = xd.abs().max(1).values
+    xq = torch.round(xd.float() * ((1.0 / ra.float()) * 127)[:, None]).double()
+    ref = (xq @ wq.t()) * ra[:, None] * scb[None, :] / 127**2 + xo @ (wq[:, cols] * scb[:, None] / 127).t()
+    ref = ref + lin.bias.double()
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    # Close to the dense layer (quantization error only).
+    assert (y - lin(x)).abs().max() < 0.05
+    # Backward: dX through the decoded int8 weight.
+    xg = x.clone().requires_grad_(True)
+    g = torch.randn(9, 32)
+    (gx,) = torch.autograd.grad(q(xg), xg, g)
+    torch.testing.assert_close(gx, g @ q.dequantized_weight(torch.float32), rtol=1e-6, atol=1e-6)
+    sd = q.state_dict()
+    assert sd["weight"].dtype == torch.int8 and sd["SCB"].dtype == torch.float32 and int(sd["weight_format"]) == 0
+    q2 = Linear8bitLt(64, 32)
+    q2.load_state_dict(sd)
+    torch.testing.assert_close(q2(x), y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("base_kind", ["linear", "nf4", "int8"])
+@pytest.mark.parametrize("rslora", [False, True])
+def test_lora_forward_and_gradients(rng, base_kind, rslora):
+    lin = make_linear(rng, 24, 16)
+    base = {"linear": lin, "nf4": Linear4bit.from_linear(lin, compute_dtype=torch.float64),
+            "int8": Linear8bitLt.from_linear(lin)}[base_kind]
+    lora = LoraLinear(base, r=4, alpha=8, use_rslora=rslora)
+    assert lora.scaling == (8 / 2 if rslora else 8 / 4)
+    x = torch.randn(5, 24, dtype=torch.float64 if base_kind == "nf4" else torch.float32)
+    # B starts at zero: the adapter changes nothing.
+    torch.testing.assert_close(lora(x), base(x))
+    trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert sorted(trainable) == ["lora_A.weight", "lora_B.weight"]
+    with torch.no_grad():
+        lora.lora_B.weight.normal_()
+    lora.double()
+    xd = x.double()
+    out = lora(xd)
+    a, b = lora.lora_A.weight, lora.lora_B.weight
+    torch.testing.assert_close(out - base(xd).double(), lora.scaling * (xd @ a.t() @ b.t()), rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(out)
+    ga, gb = torch.autograd.grad(out, [a, b], g)
+    torch.testing.assert_close(gb, lora.scaling * g.t() @ (xd @ a.t()), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ga, lora.scaling * (g @ b).t() @ xd, rtol=1e-10, atol=1e-10)
+    if base_kind != "int8":  # int8 quantizes x: piecewise constant, no finite differences
+        xg = xd.clone().requires_grad_(True)
+        assert torch.autograd.gradcheck(lambda t: lora(t), (xg,))
+
+
+def test_torch_compile_matches_eager(rng):
+    lin = make_linear(rng, 32, 16)
+    model = nn.Sequential(LoraLinear(Linear4bit.from_linear(lin, compute_dtype=torch.float32), r=4), nn.ReLU())
+    x = torch.randn(4, 32)
+    eager = model(x)
+    compiled = torch.compile(model, backend="eager")
+    torch.testing.assert_close(compiled(x), eager)
+
+
+def test_quantize_model_add_lora_merge(rng):
+    model = nn.Sequential(make_linear(rng, 16, 32), nn.GELU(), make_linear(rng, 32, 8))
+    x = torch.randn(6, 16)
+    dense = model(x).detach()
+    nybble.quantize_model(model, "nf4", compute_dtype=torch.float32)
+    assert isinstance(model[0], Linear4bit) and isinstance(model[2], Linear4bit)
+    assert (model(x) - dense).abs().max() < 0.1
+    nybble.add_lora(model, r=4, alpha=8)
+    assert isinstance(model[0], LoraLinear)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"0.lora_A.weight", "0.lora_B.weight", "2.lora_A.weight", "2.lora_B.weight"}
+    with torch.no_grad():
+        for m in nybble.model.lora_layers(model).values():
+            m.lora_B.weight.normal_(std=0.1)
+    y = model(x).detach()
+    with nybble.adapters_disabled(model):
+        y0 = model(x).detach()
+    assert (y - y0).abs().max() > 1e-3
+    nybble.merge_adapters(model, dtype=torch.float32)
+    assert type(model[0]) is nn.Linear
+    torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_save_load_round_trip(rng, tmp_path):
+    def build():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+        return nybble.quantize_model(m, "nf4", compute_dtype=torch.float32)
+
+    model = nybble.add_lora(build(), r=4, alpha=8)
+    with torch.no_grad():
+        for m in nybble.model.lora_layers(model).values():
+            m.lora_B.weight.normal_()
+    nybble.save_adapter(model, tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    fresh = nybble.load_adapter(build(), tmp_path / "adapter")
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no LoRA"):
+        nybble.save_adapter(build(), tmp_path / "none")
