@@ -26,8 +26,15 @@ class _Dequant4bitLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, module, bias):
-        w = module.dequantized_weight(x.dtype)
         ctx.module = module
+        if x.is_cuda:
+            # Small M takes the fused kernel that reads the packed weight once.
+            from .. import kernels
+
+            shape = (module.out_features, module.in_features)
+            return kernels.matmul_4bit(x, module.weight, module.float_absmax(), shape, module.blocksize,
+                                       module.quant_type, bias)
+        w = module.dequantized_weight(x.dtype)
         return nn.functional.linear(x, w, bias)
 
     @staticmethod

@@ -1,0 +1,242 @@
+"""CuPy side: compiles the CUDA sources with NVRTC on first use, caches modules and functions,
+and launches kernels on torch's current stream over torch-allocated memory.
+
+Tensors cross as raw device pointers (zero copy); every output is allocated by the caller
+(torch), so one caching allocator serves both libraries. The launchers take their outputs as
+arguments, which lets the GPU tests poison them before a launch. Importing this module needs
+CuPy; nybble.kernels imports it lazily.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import cupy
+import numpy as np
+import torch
+
+from . import _source
+
+_THREADS = 256
+_GEMV_WARPS = 4  # kGemvWarps in gemv_4bit.cu
+_ROW_THREADS = 256  # kRowThreads in int8.cu
+_TYPE_SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+_lock = threading.Lock()
+#: Compiled modules keyed by (kernel file, NVRTC options, device compute capability).
+MODULES: dict[tuple[str, tuple[str, ...], tuple[int, int]], cupy.RawModule] = {}
+_FUNCTIONS: dict[tuple[str, str, int], object] = {}
+_STREAMS: dict[tuple[int, int], cupy.cuda.ExternalStream] = {}
+_OPTIONS: tuple[str, ...] | None = None
+
+
+def nvrtc_options() -> tuple[str, ...]:
+    """Options for CuPy's NVRTC (its major version picks the matching CUDA headers)."""
+    global _OPTIONS
+    if _OPTIONS is None:
+        major = cupy.cuda.nvrtc.getVersion()[0]
+        _OPTIONS = _source.nvrtc_options(major)
+    return _OPTIONS
+
+
+def get_module(file: str, device: int) -> cupy.RawModule:
+    arch = torch.cuda.get_device_capability(device)
+    key = (file, nvrtc_options(), arch)
+    module = MODULES.get(key)
+    if module is None:
+        with _lock:
+            module = MODULES.get(key)
+            if module is None:
+                with cupy.cuda.Device(device):
+                    module = cupy.RawModule(code=_source.read_source(file), options=key[1], backend="nvrtc")
+                    module.compile()
+                MODULES[key] = module
+    return module
+
+
+def get_function(file: str, name: str, device: int):
+    key = (file, name, device)
+    fn = _FUNCTIONS.get(key)
+    if fn is None:
+        fn = get_module(file, device).get_function(name)
+        _FUNCTIONS[key] = fn
+    return fn
+
+
+def _stream(device: int) -> cupy.cuda.ExternalStream:
+    ptr = torch.cuda.current_stream(device).cuda_stream
+    key = (device, ptr)
+    s = _STREAMS.get(key)
+    if s is None:
+        s = cupy.cuda.ExternalStream(ptr, device)
+        _STREAMS[key] = s
+    return s
+
+
+def _ptr(t: torch.Tensor | None) -> np.uint64:
+    return np.uint64(0 if t is None else t.data_ptr())
+
+
+def _launch(file: str, name: str, device: int, grid, block, args) -> None:
+    fn = get_function(file, name, device)
+    with cupy.cuda.Device(device), _stream(device):
+        fn(grid, block, args)
+
+
+def _check(t: torch.Tensor, what: str, dtype=None, align: int = 1) -> None:
+    if not t.is_cuda:
+        raise ValueError(f"{what} must be a CUDA tensor, got {t.device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{what} must be contiguous")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{what} has dtype {t.dtype}, expected {dtype}")
+    if t.data_ptr() % align:
+        raise ValueError(f"{what} must be {align}-byte aligned")
+
+
+def _suffix(dtype: torch.dtype) -> str:
+    try:
+        return _TYPE_SUFFIX[dtype]
+    except KeyError:
+        raise TypeError(f"dtype {dtype} is not float32, float16 or bfloat16") from None
+
+
+def _blocks(count: int, per_block: int) -> int:
+    return max(1, -(-count // per_block))
+
+
+def launch_dequantize_4bit(packed, absmax, out, blocksize: int, quant_type: str) -> None:
+    """out (any shape, n elements) = decode(packed) * absmax; packed 4-, out 16-byte aligned."""
+    _check(packed, "packed", torch.uint8, 4)
+    _check(absmax, "absmax", torch.float32)
+    _check(out, "out", None, 16)
+    n = out.numel()
+    if n == 0:
+        return
+    units = -(-n // 8)
+    _launch(
+        "dequant_4bit.cu", f"nybble_dequant_4bit_{quant_type}_{_suffix(out.dtype)}", out.device.index,
+        (_blocks(units, _THREADS),), (_THREADS,),
+        (_ptr(packed), _ptr(absmax), _ptr(out), np.int64(n), np.int32(blocksize)),
+    )
+
+
+def launch_decode_absmax(codes, nested_absmax, nested_code, offset: float, out, nested_blocksize: int) -> None:
+    _check(codes, "codes", torch.uint8)
+    _check(nested_absmax, "nested_absmax", torch.float32)
+    _check(nested_code, "nested_code", torch.float32)
+    _check(out, "out", torch.float32)
+    if nested_code.numel() != 256:
+        raise ValueError("nested_code must have 256 entries")
+    n = out.numel()
+    if n == 0:
+        return
+    _launch(
+        "dequant_4bit.cu", "nybble_decode_absmax", out.device.index, (_blocks(n, _THREADS),), (_THREADS,),
+        (_ptr(codes), _ptr(nested_absmax), _ptr(nested_code), np.float32(offset), _ptr(out), np.int64(n),
+         np.int32(nested_blocksize)),
+    )
+
+
+def launch_quantize_4bit(x, packed, absmax, blocksize: int, quant_type: str) -> None:
+    """One warp per quantization block; a block holding NaN / Inf gets a NaN absmax."""
+    _check(x, "x")
+    _check(packed, "packed", torch.uint8)
+    _check(absmax, "absmax", torch.float32)
+    n = x.numel()
+    if n == 0:
+        return
+    nblocks = -(-n // blocksize)
+    warps_per_block = _THREADS // 32
+    _launch(
+        "quant_4bit.cu", f"nybble_quant_4bit_{quant_type}_{_suffix(x.dtype)}", x.device.index,
+        (_blocks(nblocks, warps_per_block),), (_THREADS,),
+        (_ptr(x), _ptr(packed), _ptr(absmax), np.int64(n), np.int32(blocksize)),
+    )
+
+
+def gemv_tile(m: int) -> int:
+    """The smallest compiled row tile >= m (the largest tile for m beyond it)."""
+    for tile in _source.GEMV_TILES:
+        if m <= tile:
+            return tile
+    return _source.GEMV_TILES[-1]
+
+
+def launch_gemv_4bit(x, packed, absmax, bias, out, blocksize: int, quant_type: str) -> None:
+    """out (M, N) = x (M, K) @ W^T + bias for packed W (N, K); K % 32 == 0."""
+    _check(x, "x", None, 16)
+    _check(packed, "packed", torch.uint8, 16)
+    _check(absmax, "absmax", torch.float32)
+    _check(out, "out", x.dtype)
+    if bias is not None:
+        _check(bias, "bias", x.dtype)
+    m, k = x.shape
+    n = out.shape[1]
+    if k % 32:
+        raise ValueError(f"the fused 4-bit matmul needs in_features % 32 == 0, got {k}")
+    if m == 0 or n == 0:
+        return
+    tile = gemv_tile(m)
+    _launch(
+        "gemv_4bit.cu", f"nybble_gemv_4bit_{quant_type}_{_suffix(x.dtype)}_m{tile}", x.device.index,
+        (_blocks(n, _GEMV_WARPS), _blocks(m, tile)), (_GEMV_WARPS * 32,),
+        (_ptr(x), _ptr(packed), _ptr(absmax), _ptr(bias), _ptr(out), np.int32(m), np.int32(n), np.int32(k),
+         np.int32(blocksize)),
+    )
+
+
+def _grid_stride_blocks(count: int, device: int) -> int:
+    # Enough blocks to fill the device several times over; the kernels loop over the rest.
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return min(_blocks(count, _THREADS), sms * 32)
+
+
+def launch_int8_outlier_flags(x, flags, threshold: float) -> None:
+    """flags (cols,) int32, zeroed by the caller, gets 1 where a column has |x| >= threshold."""
+    _check(x, "x")
+    _check(flags, "flags", torch.int32)
+    numel = x.numel()
+    if numel == 0:
+        return
+    dev = x.device.index
+    _launch(
+        "int8.cu", f"nybble_int8_outlier_flags_{_suffix(x.dtype)}", dev, (_grid_stride_blocks(numel, dev),),
+        (_THREADS,), (_ptr(x), _ptr(flags), np.int64(numel), np.int32(x.shape[-1]), np.float32(threshold)),
+    )
+
+
+def launch_int8_vectorwise_quant(x, flags, q, row_absmax, threshold: float) -> None:
+    """One block per row of x (rows, cols); ``flags`` is None when extraction is off."""
+    _check(x, "x")
+    _check(q, "q", torch.int8)
+    _check(row_absmax, "row_absmax", torch.float32)
+    if flags is not None:
+        _check(flags, "flags", torch.int32)
+    rows, cols = x.shape
+    if rows == 0:
+        return
+    _launch(
+        "int8.cu", f"nybble_int8_vectorwise_quant_{_suffix(x.dtype)}", x.device.index, (rows,), (_ROW_THREADS,),
+        (_ptr(x), _ptr(flags), _ptr(q), _ptr(row_absmax), np.int32(cols), np.float32(threshold)),
+    )
+
+
+def launch_int8_mm_dequant(acc, row_scale, col_scale, bias, out) -> None:
+    """out (rows, cols) from the int32 accumulator acc (rows', ld) with rows' >= rows, ld >= cols."""
+    _check(acc, "acc", torch.int32)
+    _check(row_scale, "row_scale", torch.float32)
+    _check(col_scale, "col_scale", torch.float32)
+    _check(out, "out")
+    if bias is not None:
+        _check(bias, "bias", out.dtype)
+    rows, cols = out.shape
+    if rows == 0 or cols == 0:
+        return
+    dev = out.device.index
+    _launch(
+        "int8.cu", f"nybble_int8_mm_dequant_{_suffix(out.dtype)}", dev, (_grid_stride_blocks(rows * cols, dev),),
+        (_THREADS,),
+        (_ptr(acc), np.int64(acc.shape[1]), _ptr(row_scale), _ptr(col_scale), _ptr(bias), _ptr(out), np.int32(rows),
+         np.int32(cols)),
+    )
