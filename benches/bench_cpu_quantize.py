@@ -3,8 +3,8 @@ measured in the same run on the same bfloat16 weights.
 
     python benches/bench_cpu_quantize.py [--threads 2] [--repeats 5] [--json out.json]
 
-Throughput is GB/s of bfloat16 weight (2 bytes per parameter) processed; the best of
-``--repeats`` runs is reported for each side.
+Throughput is GB/s of bfloat16 weight (2 bytes per parameter) processed; the median of
+``--repeats`` interleaved runs is reported for each side.
 """
 
 from __future__ import annotations
@@ -21,14 +21,17 @@ import nybble
 SHAPES = [(4096, 4096), (4096, 11008)]
 
 
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up (thread pool start, page faults, torch.compile of bnb's CPU dequant)
-    times = []
+def median_times(fns: dict, repeats: int) -> dict:
+    """Median wall time of each function, runs interleaved so load changes hit all alike."""
+    for fn in fns.values():
+        fn()  # warm-up (thread pool start, first-touch page faults, bnb's lazy init)
+    times = {k: [] for k in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
 def main() -> None:
@@ -63,12 +66,12 @@ def main() -> None:
         def nyb_dq():
             return nybble.dequantize_4bit(qn, sn)
 
-        t = {
-            "bnb_quantize": best_time(bnb_q, args.repeats),
-            "nybble_quantize": best_time(nyb_q, args.repeats),
-            "bnb_dequantize": best_time(bnb_dq, args.repeats),
-            "nybble_dequantize": best_time(nyb_dq, args.repeats),
-        }
+        # Same packed codes on both sides: timing different work would be meaningless.
+        assert torch.equal(qn, qb.reshape(qn.shape))
+        t = median_times(
+            {"bnb_quantize": bnb_q, "nybble_quantize": nyb_q, "bnb_dequantize": bnb_dq, "nybble_dequantize": nyb_dq},
+            args.repeats,
+        )
         row = {"shape": list(shape), **{k + "_gbps": gb / v for k, v in t.items()}}
         row["quantize_speedup"] = t["bnb_quantize"] / t["nybble_quantize"]
         row["dequantize_speedup"] = t["bnb_dequantize"] / t["nybble_dequantize"]
