@@ -71,19 +71,20 @@ impl Decider4 {
         Self { quant_type, bounds }
     }
 
-    /// Writes the 4-bit code of each scaled value (branch-free counting so it vectorizes).
+    /// Writes the 4-bit code of each scaled value (branch-free counting so it vectorizes;
+    /// u32 codes keep the count in the compare's lane width instead of narrowing per bound).
     #[inline(always)]
-    fn encode(&self, scaled: &[f32], codes: &mut [u8]) {
+    fn encode(&self, scaled: &[f32], codes: &mut [u32]) {
         match self.quant_type {
             QuantType4::Nf4 => {
                 let b = &self.bounds;
                 // i32 lanes match the f32 compare width, so LLVM vectorizes the count.
                 for (c, &s) in codes.iter_mut().zip(scaled) {
-                    let mut k = 0i32;
+                    let mut k = 0u32;
                     for bound in b {
-                        k += (s > *bound) as i32;
+                        k += (s > *bound) as u32;
                     }
-                    *c = k as u8;
+                    *c = k;
                 }
             }
             QuantType4::Fp4 => {
@@ -95,60 +96,50 @@ impl Decider4 {
                         k += (m > *bound) as usize;
                     }
                     // Negative inputs get the sign bit; -0.0 encodes as +0.
-                    *c = FP4_MAGNITUDE_CODE[k] | (((s < 0.0) as u8) << 3);
+                    *c = (FP4_MAGNITUDE_CODE[k] | (((s < 0.0) as u8) << 3)) as u32;
                 }
             }
         }
     }
 }
 
-/// Quantizes one block: returns (absmax, saw a non-finite value).
+/// Elements handled per pass: whole blocks, at most this many (fits L1 as f32 + codes).
+const GROUP_ELEMS: usize = 4096;
+
+/// Scales one block in place by its absmax: returns (absmax, saw a non-finite value).
 #[inline(always)]
-fn quantize_block_4bit<T: Element>(
-    x: &[T],
-    out: &mut [u8],
-    decider: &Decider4,
-    full_block: bool,
-    scaled: &mut [f32],
-    codes: &mut [u8],
-) -> (f32, bool) {
-    let n = x.len();
-    let scaled = &mut scaled[..n];
-    let mut amax = 0.0f32;
-    let mut bad = false;
-    for (s, v) in scaled.iter_mut().zip(x) {
-        let f = v.to_f32();
-        let a = f.abs();
-        amax = if a > amax { a } else { amax };
-        // Negated so NaN (which compares false) counts as bad, like +-Inf.
-        #[allow(clippy::neg_cmp_op_on_partial_ord)]
-        {
-            bad |= !(a <= f32::MAX);
+fn scale_block(block: &mut [f32], full_block: bool) -> (f32, bool) {
+    // For non-negative floats the bit patterns order like the values, and NaN / Inf sit
+    // above every finite value: one integer max (associative, so it vectorizes, unlike a
+    // float max) gives both the absmax and the non-finite check.
+    let mut lanes = [0u32; 8];
+    let mut chunks = block.chunks_exact(8);
+    for c in &mut chunks {
+        for (m, v) in lanes.iter_mut().zip(c) {
+            *m = (*m).max(v.to_bits() & 0x7FFF_FFFF);
         }
-        *s = f;
     }
+    let tail = chunks.remainder().iter().map(|v| v.to_bits() & 0x7FFF_FFFF);
+    let max_bits = lanes.into_iter().chain(tail).max().unwrap_or(0);
+    if max_bits >= 0x7F80_0000 {
+        return (0.0, true);
+    }
+    let amax = f32::from_bits(max_bits);
     let divisor = amax.max(MIN_ABSMAX);
     if full_block {
         // bitsandbytes multiplies full blocks by the reciprocal...
         let inv = 1.0 / divisor;
-        scaled.iter_mut().for_each(|s| *s *= inv);
+        block.iter_mut().for_each(|s| *s *= inv);
     } else {
         // ...and divides the trailing partial block.
-        scaled.iter_mut().for_each(|s| *s /= divisor);
+        block.iter_mut().for_each(|s| *s /= divisor);
     }
-    let codes = &mut codes[..n];
-    decider.encode(scaled, codes);
-    let pairs = n / 2;
-    for (o, pair) in out[..pairs].iter_mut().zip(codes.chunks_exact(2)) {
-        *o = (pair[0] << 4) | pair[1];
-    }
-    if n % 2 == 1 {
-        out[pairs] = (codes[n - 1] << 4) | decider.quant_type.zero_code();
-    }
-    (amax, bad)
+    (amax, false)
 }
 
 /// Quantizes a run of consecutive blocks; `first_block` is the index of the first one.
+/// Widening, encoding and packing run over groups of blocks in long loops (they vectorize);
+/// only the absmax and scaling are per block.
 #[inline(always)]
 fn quantize_blocks_4bit_impl<T: Element>(
     x: &[T],
@@ -159,19 +150,37 @@ fn quantize_blocks_4bit_impl<T: Element>(
     total: usize,
     first_block: usize,
 ) -> bool {
-    let mut scaled = [0.0f32; 4096];
-    let mut codes = [0u8; 4096];
+    let mut scaled = [0.0f32; GROUP_ELEMS];
+    let mut codes = [0u32; GROUP_ELEMS];
+    let blocks_per_group = (GROUP_ELEMS / blocksize).max(1);
+    let group_elems = blocks_per_group * blocksize;
     let mut bad = false;
-    for (i, ((xb, pb), am)) in x
-        .chunks(blocksize)
-        .zip(packed.chunks_mut(blocksize / 2))
-        .zip(absmax.iter_mut())
+    for (g, ((xg, pg), ag)) in x
+        .chunks(group_elems)
+        .zip(packed.chunks_mut(group_elems / 2))
+        .zip(absmax.chunks_mut(blocks_per_group))
         .enumerate()
     {
-        let full = (first_block + i + 1) * blocksize <= total;
-        let (a, b) = quantize_block_4bit(xb, pb, decider, full, &mut scaled, &mut codes);
-        *am = a;
-        bad |= b;
+        let n = xg.len();
+        let scaled = &mut scaled[..n];
+        for (s, v) in scaled.iter_mut().zip(xg) {
+            *s = v.to_f32();
+        }
+        for (b, (block, am)) in scaled.chunks_mut(blocksize).zip(ag.iter_mut()).enumerate() {
+            let full = (first_block + g * blocks_per_group + b + 1) * blocksize <= total;
+            let (a, bd) = scale_block(block, full);
+            *am = a;
+            bad |= bd;
+        }
+        let codes = &mut codes[..n];
+        decider.encode(scaled, codes);
+        let pairs = n / 2;
+        for (o, pair) in pg[..pairs].iter_mut().zip(codes.chunks_exact(2)) {
+            *o = ((pair[0] << 4) | pair[1]) as u8;
+        }
+        if n % 2 == 1 {
+            pg[pairs] = ((codes[n - 1] as u8) << 4) | decider.quant_type.zero_code();
+        }
     }
     bad
 }
@@ -232,7 +241,9 @@ pub fn quantize_4bit_into<T: Element>(
     check_len("packed output", packed_len(n), packed.len())?;
     check_len("absmax output", nb, absmax.len())?;
     let decider = Decider4::new(quant_type);
-    let blocks_per_task = MIN_BLOCKS_PER_TASK;
+    // Tasks of >= 64K elements amortize the per-task scratch setup; still hundreds of tasks
+    // for a 4096x4096 weight.
+    let blocks_per_task = MIN_BLOCKS_PER_TASK.max((1 << 16) / blocksize);
     let bad = x
         .par_chunks(blocksize * blocks_per_task)
         .zip(packed.par_chunks_mut(blocksize / 2 * blocks_per_task))
@@ -370,18 +381,35 @@ pub fn dequantize_4bit<T: Element>(
     Ok(out)
 }
 
-/// Index of the nearest code (ties to the lower index) in an ascending codebook:
-/// the left neighbour by binary search, then a distance comparison, as bitsandbytes' CPU
-/// kernel does.
+/// Index of the nearest code (ties to the lower index) in an ascending codebook of at most
+/// 256 entries: the left neighbour by binary search, then a distance comparison, as
+/// bitsandbytes' CPU kernel does (it sometimes misses the nearest; this does not).
 #[inline(always)]
 pub fn nearest_code(code: &[f32], s: f32) -> u8 {
-    let right = code.partition_point(|&c| c <= s);
-    let idx = right.saturating_sub(1);
+    if let Ok(book) = <&[f32; 256]>::try_from(code) {
+        return nearest_code_256(book, s);
+    }
+    let idx = code.partition_point(|&c| c <= s).saturating_sub(1);
     if idx + 1 < code.len() && (s - code[idx + 1]).abs() < (s - code[idx]).abs() {
         (idx + 1) as u8
     } else {
         idx as u8
     }
+}
+
+/// [`nearest_code`] for the 256-entry maps of 8-bit quantization.
+#[inline(always)]
+pub fn nearest_code_256(code: &[f32; 256], s: f32) -> u8 {
+    // Branch-free lower bound (last index whose code is <= s, or 0): data-dependent
+    // branches here mispredict half the time and cost ~4x the arithmetic. The probe index
+    // never exceeds 255, and the mask lets the compiler drop the bounds check.
+    let mut idx = 0usize;
+    for step in [128usize, 64, 32, 16, 8, 4, 2, 1] {
+        idx += step * (code[(idx + step) & 255] <= s) as usize;
+    }
+    let next = (idx + 1).min(255);
+    let closer = (s - code[next]).abs() < (s - code[idx]).abs();
+    (idx + closer as usize) as u8
 }
 
 /// Block-wise 8-bit quantization against a sorted 256-entry codebook (the dynamic map).
@@ -658,13 +686,35 @@ mod tests {
 
     #[test]
     fn nearest_code_ties_and_edges() {
-        let code = [-1.0f32, 0.0, 0.5, 1.0];
+        let small = [-1.0f32, 0.0, 0.5, 1.0];
+        assert_eq!(nearest_code(&small, -0.5), 0);
+        assert_eq!(nearest_code(&small, 0.76), 3);
+        assert_eq!(nearest_code(&small, 9.0), 3);
+        // A 256-entry book: -1, 0, 0.5, then 1, 2, 3, ..., 253.
+        let mut code: [f32; 256] = std::array::from_fn(|k| k as f32 - 2.0);
+        code[..3].copy_from_slice(&[-1.0, 0.0, 0.5]);
         assert_eq!(nearest_code(&code, -2.0), 0);
         assert_eq!(nearest_code(&code, -0.5), 0); // tie -> lower
         assert_eq!(nearest_code(&code, -0.49), 1);
         assert_eq!(nearest_code(&code, 0.25), 1); // tie -> lower
         assert_eq!(nearest_code(&code, 0.76), 3);
-        assert_eq!(nearest_code(&code, 5.0), 3);
+        assert_eq!(nearest_code(&code, 5.0), 7);
+        assert_eq!(nearest_code(&code, 5.5), 7); // tie -> lower
+        assert_eq!(nearest_code(&code, 1e9), 255);
+        // Exhaustive check against a linear scan on the real map.
+        let dm = crate::codebook::dynamic_map(true);
+        for i in 0..20_001 {
+            let s = -1.0 + i as f32 * 1e-4;
+            let best = (0..256)
+                .min_by(|&a, &b| {
+                    (s - dm[a])
+                        .abs()
+                        .total_cmp(&(s - dm[b]).abs())
+                        .then(a.cmp(&b))
+                })
+                .unwrap();
+            assert_eq!(nearest_code(&dm, s) as usize, best, "s = {s}");
+        }
     }
 
     #[test]
