@@ -145,3 +145,43 @@ class Converter:
         """Converts what is left and writes the shard index."""
     def abort(self) -> None:
         """Abandons the conversion, deleting the shard being written."""
+
+def adamw_step_32bit(
+    param: npt.NDArray[Any],
+    grad: npt.NDArray[Any],
+    dtype: str,
+    exp_avg: npt.NDArray[np.float32],
+    exp_avg_sq: npt.NDArray[np.float32],
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    threads: int | None = None,
+) -> None:
+    """One fused AdamW step in place (float32 states); ``param`` / ``grad`` are 1-D
+    contiguous float32 arrays or uint16 bit patterns of ``dtype`` ("float16" / "bfloat16").
+    Raises NonFiniteError (touching nothing) when ``grad`` holds NaN / Inf."""
+
+def adamw_step_8bit(
+    param: npt.NDArray[Any],
+    grad: npt.NDArray[Any],
+    dtype: str,
+    state1: npt.NDArray[np.uint8],
+    state2: npt.NDArray[np.uint8],
+    absmax1: npt.NDArray[np.float32],
+    absmax2: npt.NDArray[np.float32],
+    code1: npt.NDArray[np.float32],
+    code2: npt.NDArray[np.float32],
+    blocksize: int,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    threads: int | None = None,
+) -> None:
+    """One fused AdamW step in place with 8-bit block-wise states (bitsandbytes' AdamW8bit:
+    signed dynamic map for state1, unsigned for state2, float32 absmax per block)."""

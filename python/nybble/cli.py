@@ -178,3 +178,109 @@ def verify(original, packed):
     click.echo(f"{len(packed_rows)} packed weights compared, {len(rows) - len(packed_rows)} other tensors; {len(bad)} problems")
     if bad:
         raise _Fail(f"{len(bad)} tensors do not match: " + ", ".join(r.name for r in bad[:5]))
+
+
+# ---------------------------------------------------------------------- finetune
+
+_EXAMPLE_DEFAULTS = {"lr": 2e-3, "r": 16, "alpha": 32.0, "batch_size": 8, "grad_accum": 2, "max_steps": 600,
+                     "max_length": 64, "dropout": 0.0}
+
+
+@main.command()
+@click.argument("model_dir", metavar="[MODEL_DIR]", required=False, type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), help='Training jsonl: {"text": ...} or {"prompt": ..., "response": ...} per line.')
+@click.option("-o", "--output", type=click.Path(path_type=Path), default="nybble-adapter", show_default=True, help="Output folder (final adapter in PEFT format, checkpoint-* folders).")
+@click.option("--example", is_flag=True, help="Built-in tiny example (random tiny Llama + arithmetic data), offline on the CPU; also used when MODEL_DIR is omitted.")
+@click.option("--quant", type=click.Choice(["nf4", "fp4", "int8"]), default="nf4", show_default=True)
+@click.option("--double-quant/--no-double-quant", default=True, show_default=True)
+@click.option("--r", "rank", type=click.IntRange(min=1), default=None, help="LoRA rank [default: 64; example 16].")
+@click.option("--alpha", type=float, default=None, help="LoRA alpha [default: 16; example 32].")
+@click.option("--dropout", type=float, default=None, help="LoRA dropout [default: 0.05; example 0].")
+@click.option("--target", "target_modules", multiple=True, help="Module names to adapt (repeatable) [default: all linear layers].")
+@click.option("--optim", type=click.Choice(["paged_adamw_32bit", "paged_adamw_8bit", "adamw_32bit", "adamw_8bit"]), default="paged_adamw_32bit", show_default=True)
+@click.option("--lr", type=float, default=None, help="Learning rate [default: 2e-4; example 2e-3].")
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--max-grad-norm", type=float, default=0.3, show_default=True)
+@click.option("--warmup-ratio", type=float, default=0.03, show_default=True)
+@click.option("--schedule", type=click.Choice(["constant", "linear", "cosine"]), default="constant", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Micro-batch size per process [default: 4; example 8].")
+@click.option("--grad-accum", type=click.IntRange(min=1), default=None, help="Gradient accumulation steps [default: 4; example 2].")
+@click.option("--epochs", type=float, default=1.0, show_default=True)
+@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Optimizer steps (overrides --epochs) [example: 150].")
+@click.option("--max-length", type=click.IntRange(min=2), default=None, help="Tokens per sequence [default: 512; example 64].")
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=True, show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True, help="Compute dtype (auto: bf16 on the GPU, fp32 on the CPU).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--save-steps", type=click.IntRange(min=0), default=0, show_default=True, help="Checkpoint every N steps (adapter + optimizer + step + RNG); 0: only the final adapter.")
+@click.option("--resume", default=None, help="Resume from a checkpoint folder, or 'latest' (the newest checkpoint-* in the output folder).")
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar (else a log line every --log-every steps).")
+@click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True)
+def finetune(model_dir, data, output, example, quant, double_quant, rank, alpha, dropout, target_modules, optim, lr,
+             weight_decay, max_grad_norm, warmup_ratio, schedule, batch_size, grad_accum, epochs, max_steps,
+             max_length, gradient_checkpointing, dtype, device, save_steps, resume, seed, progress, log_every):
+    """QLoRA fine-tuning of a causal LM: quantize MODEL_DIR (or load a packed checkpoint), add
+    LoRA adapters, train on --data, write the adapter (PEFT format) to --output.
+
+    Defaults follow the QLoRA paper: NF4 + double quant, r=64, alpha=16 on all linear layers,
+    paged AdamW, lr 2e-4, max grad norm 0.3, constant schedule with 3% warmup, gradient
+    checkpointing. Under torchrun it trains with DDP (gloo on the CPU, NCCL on GPUs).
+    """
+    try:
+        from .train import FinetuneConfig
+        from .train import finetune as run_finetune
+        from .train.data import DataError
+    except ImportError as e:
+        raise _Fail(f"finetune needs torch and transformers ({e}); pip install 'nybble[torch]' transformers") from None
+    use_example = example or model_dir is None
+    defaults = {"lr": 2e-4, "r": 64, "alpha": 16.0, "batch_size": 4, "grad_accum": 4, "max_steps": None,
+                "max_length": 512, "dropout": 0.05}
+    if use_example:
+        from .train import example as ex
+
+        defaults.update(_EXAMPLE_DEFAULTS)
+        try:
+            model_dir = model_dir or ex.build_model_dir()
+        except RuntimeError as e:
+            raise _Fail(str(e)) from None
+        if data is None:
+            data = ex.make_dataset(output / "example_train.jsonl") if _is_main_process() else output / "example_train.jsonl"
+            _wait_for(data)
+        click.echo(f"example: model {model_dir}, data {data}")
+    if data is None:
+        raise click.UsageError("--data is required (or use --example)")
+
+    def pick(v, key):
+        return defaults[key] if v is None else v
+
+    cfg = FinetuneConfig(
+        model_dir=str(model_dir), data=str(data), output_dir=str(output), quant=quant, double_quant=double_quant,
+        r=pick(rank, "r"), alpha=pick(alpha, "alpha"), dropout=pick(dropout, "dropout"),
+        target_modules=list(target_modules) if target_modules else "all-linear", optim=optim, lr=pick(lr, "lr"),
+        weight_decay=weight_decay, max_grad_norm=max_grad_norm, warmup_ratio=warmup_ratio, schedule=schedule,
+        batch_size=pick(batch_size, "batch_size"), grad_accum=pick(grad_accum, "grad_accum"), epochs=epochs,
+        max_steps=pick(max_steps, "max_steps"), max_length=pick(max_length, "max_length"),
+        gradient_checkpointing=gradient_checkpointing, dtype=dtype, device=device, save_steps=save_steps,
+        resume=resume, seed=seed, progress=progress, log_every=log_every,
+    )
+    try:
+        run_finetune(cfg, log=click.echo)
+    except DataError as e:
+        raise _Fail(str(e)) from None
+    except (FileNotFoundError, ValueError, NonFiniteError) as e:
+        raise _Fail(str(e)) from None
+
+
+def _is_main_process() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _wait_for(path: Path, timeout: float = 120.0) -> None:
+    """Other torchrun ranks wait for rank 0 to write the example data."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not path.is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)

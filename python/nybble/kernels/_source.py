@@ -33,6 +33,7 @@ KERNELS: dict[str, tuple[str, ...]] = {
     "int8.cu": tuple(
         f"nybble_int8_{k}_{t}" for k in ("outlier_flags", "vectorwise_quant", "mm_dequant") for t in _FLOATS
     ),
+    "optim_8bit.cu": tuple(f"nybble_adamw_{b}_{t}" for b in ("8bit", "32bit") for t in _FLOATS),
 }
 
 _LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)

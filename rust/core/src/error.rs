@@ -35,6 +35,9 @@ pub enum Error {
     #[error("outlier threshold must be finite and >= 0, got {0}")]
     InvalidThreshold(f32),
 
+    #[error("invalid optimizer hyper-parameters: {0} (need lr >= 0, 0 <= betas < 1, eps >= 0, weight_decay >= 0, step >= 1)")]
+    InvalidHyperParameter(String),
+
     #[error("size overflow computing {0}")]
     SizeOverflow(&'static str),
 

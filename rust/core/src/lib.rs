@@ -5,6 +5,7 @@
 //! - [`double_quant`]: QLoRA's double quantization of the block constants.
 //! - [`int8`]: absmax / zero-point int8 and LLM.int8()'s outlier handling.
 //! - [`convert`]: streaming whole-checkpoint conversion to packed bitsandbytes layouts.
+//! - [`optim`]: fused AdamW steps with 32-bit or 8-bit block-wise states.
 //! - [`stats`]: error statistics between two tensors.
 
 pub mod blockwise;
@@ -14,6 +15,7 @@ pub mod double_quant;
 pub mod element;
 pub mod error;
 pub mod int8;
+pub mod optim;
 pub mod safetensors;
 pub mod stats;
 

@@ -825,6 +825,161 @@ fn write_safetensors_file(
         .map_err(convert_err)
 }
 
+// ---------------------------------------------------------------- optimizers
+
+/// A 1-D contiguous float array written in place: float32, or 16-bit patterns.
+enum FloatInOut<'py> {
+    F32(numpy::PyReadwriteArray1<'py, f32>),
+    Bits16(numpy::PyReadwriteArray1<'py, u16>, FloatDtype),
+}
+
+fn float_in_out<'py>(x: &Bound<'py, PyAny>, dtype: &str) -> PyResult<FloatInOut<'py>> {
+    let dt = FloatDtype::parse(dtype).map_err(to_py_err)?;
+    let arr = match dt {
+        FloatDtype::F32 => FloatInOut::F32(x.extract().map_err(|_| {
+            PyValueError::new_err("dtype float32 needs a writable 1-D float32 numpy array")
+        })?),
+        _ => FloatInOut::Bits16(
+            x.extract().map_err(|_| {
+                PyValueError::new_err(format!(
+                    "dtype {dtype} needs a writable 1-D uint16 numpy array of its bit patterns"
+                ))
+            })?,
+            dt,
+        ),
+    };
+    let contiguous = match &arr {
+        FloatInOut::F32(a) => a.is_c_contiguous(),
+        FloatInOut::Bits16(a, _) => a.is_c_contiguous(),
+    };
+    if !contiguous {
+        return Err(PyValueError::new_err("param array must be C-contiguous"));
+    }
+    Ok(arr)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn adamw_hp(
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    weight_decay: f32,
+    step: u64,
+) -> nybble_core::optim::AdamW {
+    nybble_core::optim::AdamW {
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        step,
+    }
+}
+
+/// Calls `$body` with `$p` (mutable param slice) and `$g` (grad slice) of one element type.
+macro_rules! with_param_grad {
+    ($param:expr, $grad:expr, |$p:ident, $g:ident| $body:expr) => {
+        match (&mut $param, &$grad) {
+            (FloatInOut::F32(pa), FloatIn::F32(ga)) => {
+                let $p: &mut [f32] = pa.as_slice_mut()?;
+                let $g: &[f32] = ga.as_slice()?;
+                $body
+            }
+            (FloatInOut::Bits16(pa, FloatDtype::F16), FloatIn::Bits16(ga, FloatDtype::F16)) => {
+                let $p: &mut [f16] = u16_as_mut(pa.as_slice_mut()?);
+                let $g: &[f16] = u16_as(ga.as_slice()?);
+                $body
+            }
+            (FloatInOut::Bits16(pa, FloatDtype::BF16), FloatIn::Bits16(ga, FloatDtype::BF16)) => {
+                let $p: &mut [bf16] = u16_as_mut(pa.as_slice_mut()?);
+                let $g: &[bf16] = u16_as(ga.as_slice()?);
+                $body
+            }
+            _ => {
+                return Err(PyValueError::new_err(
+                    "param and grad must have the same dtype",
+                ))
+            }
+        }
+    };
+}
+
+/// One fused AdamW step with float32 states, in place: `param` (writable, `dtype`),
+/// `grad` (same dtype), `exp_avg` and `exp_avg_sq` (writable float32). `step` counts from 1.
+#[pyfunction]
+#[pyo3(signature = (param, grad, dtype, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay, threads=None))]
+#[allow(clippy::too_many_arguments)]
+fn adamw_step_32bit<'py>(
+    py: Python<'py>,
+    param: &Bound<'py, PyAny>,
+    grad: &Bound<'py, PyAny>,
+    dtype: &str,
+    mut exp_avg: numpy::PyReadwriteArray1<'py, f32>,
+    mut exp_avg_sq: numpy::PyReadwriteArray1<'py, f32>,
+    step: u64,
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    weight_decay: f32,
+    threads: Option<usize>,
+) -> PyResult<()> {
+    let mut p_arr = float_in_out(param, dtype)?;
+    let g_arr = float_in(grad, dtype)?;
+    let hp = adamw_hp(lr, beta1, beta2, eps, weight_decay, step);
+    let m = exp_avg.as_slice_mut()?;
+    let v = exp_avg_sq.as_slice_mut()?;
+    with_param_grad!(p_arr, g_arr, |p, g| run(py, threads, || {
+        nybble_core::optim::adamw_step_32bit(p, g, m, v, &hp)
+    }))
+}
+
+/// One fused AdamW step with 8-bit block-wise states, in place: `state1` / `state2` uint8
+/// codes, `absmax1` / `absmax2` float32 per block, `code1` / `code2` the 256-entry maps
+/// (signed dynamic for the first moment, unsigned for the second).
+#[pyfunction]
+#[pyo3(signature = (param, grad, dtype, state1, state2, absmax1, absmax2, code1, code2, blocksize, step, lr, beta1, beta2, eps, weight_decay, threads=None))]
+#[allow(clippy::too_many_arguments)]
+fn adamw_step_8bit<'py>(
+    py: Python<'py>,
+    param: &Bound<'py, PyAny>,
+    grad: &Bound<'py, PyAny>,
+    dtype: &str,
+    mut state1: numpy::PyReadwriteArray1<'py, u8>,
+    mut state2: numpy::PyReadwriteArray1<'py, u8>,
+    mut absmax1: numpy::PyReadwriteArray1<'py, f32>,
+    mut absmax2: numpy::PyReadwriteArray1<'py, f32>,
+    code1: PyReadonlyArray1<'py, f32>,
+    code2: PyReadonlyArray1<'py, f32>,
+    blocksize: usize,
+    step: u64,
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    weight_decay: f32,
+    threads: Option<usize>,
+) -> PyResult<()> {
+    let mut p_arr = float_in_out(param, dtype)?;
+    let g_arr = float_in(grad, dtype)?;
+    contiguous(&code1, "code1")?;
+    contiguous(&code2, "code2")?;
+    let hp = adamw_hp(lr, beta1, beta2, eps, weight_decay, step);
+    let states = nybble_core::optim::States8 {
+        codes1: state1.as_slice_mut()?,
+        codes2: state2.as_slice_mut()?,
+        absmax1: absmax1.as_slice_mut()?,
+        absmax2: absmax2.as_slice_mut()?,
+        code1: code1.as_slice()?,
+        code2: code2.as_slice()?,
+        blocksize,
+    };
+    with_param_grad!(p_arr, g_arr, |p, g| run(py, threads, || {
+        nybble_core::optim::adamw_step_8bit(p, g, states, &hp)
+    }))
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -854,5 +1009,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(is_default_quantizable, m)?)?;
     m.add_function(wrap_pyfunction!(write_safetensors_file, m)?)?;
     m.add_class::<Converter>()?;
+    m.add_function(wrap_pyfunction!(adamw_step_32bit, m)?)?;
+    m.add_function(wrap_pyfunction!(adamw_step_8bit, m)?)?;
     Ok(())
 }

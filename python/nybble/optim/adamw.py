@@ -1,0 +1,231 @@
+"""AdamW with 32-bit or 8-bit block-wise states, optionally paged (CUDA managed memory).
+
+The update step is one fused call per parameter: the Rust core on the CPU (parameters and
+gradients cross as numpy views of the torch tensors, no copies; rayon over blocks, GIL
+released) and ``cuda/optim_8bit.cu`` on the GPU.
+
+8-bit states follow bitsandbytes' ``AdamW8bit``: block-wise (256) with the signed dynamic map
+for ``exp_avg`` and the unsigned one for ``exp_avg_sq``, float32 absmax per block, and
+tensors with fewer than ``min_8bit_size`` (4096) elements keep 32-bit states.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+from .. import _core
+from ..kernels import optim as kopt
+from . import paged as _paged
+
+STATE_BLOCKSIZE = kopt.STATE_BLOCKSIZE
+_CORE_DTYPE = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_CODES: dict[tuple[bool, torch.device], torch.Tensor] = {}
+
+
+def _code(signed: bool, device: torch.device) -> torch.Tensor:
+    key = (signed, device)
+    if key not in _CODES:
+        _CODES[key] = torch.from_numpy(_core.dynamic_map(signed)).to(device)
+    return _CODES[key]
+
+
+def _np_view(t: torch.Tensor) -> np.ndarray:
+    """A writable zero-copy numpy view of a contiguous CPU tensor (16-bit floats as uint16)."""
+    flat = t.view(-1)
+    if t.dtype in (torch.float16, torch.bfloat16):
+        return flat.view(torch.int16).numpy().view(np.uint16)
+    return flat.numpy()
+
+
+class AdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay) with fused steps.
+
+    ``optim_bits``: 32 (float32 states, equal to ``torch.optim.AdamW`` to float32 rounding)
+    or 8 (block-wise 8-bit states). ``paged``: states in CUDA managed memory (see
+    :mod:`nybble.optim.paged`); plain tensors on the CPU.
+
+    Gradients holding NaN / Inf raise :class:`nybble.NonFiniteError` on the CPU before
+    anything is modified (on the GPU they propagate, as in bitsandbytes).
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        optim_bits: int = 32,
+        min_8bit_size: int = 4096,
+        paged: bool = False,
+        threads: int | None = None,
+    ):
+        if not 0.0 <= lr:
+            raise ValueError(f"invalid learning rate {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"invalid betas {betas}")
+        if not 0.0 <= eps:
+            raise ValueError(f"invalid eps {eps}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"invalid weight_decay {weight_decay}")
+        if optim_bits not in (8, 32):
+            raise ValueError(f"optim_bits must be 8 or 32, got {optim_bits}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        self.optim_bits = optim_bits
+        self.min_8bit_size = min_8bit_size
+        self.paged = paged
+        self.threads = threads
+
+    # ------------------------------------------------------------------ state
+
+    def _zeros(self, p: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        if self.paged and p.is_cuda:
+            return _paged.paged_zeros((numel,), dtype, p.device)
+        return torch.zeros(numel, dtype=dtype, device=p.device)
+
+    def _uses_8bit(self, p: torch.Tensor) -> bool:
+        return self.optim_bits == 8 and p.numel() >= self.min_8bit_size
+
+    def _init_state(self, p: torch.Tensor) -> dict:
+        n = p.numel()
+        state = {"step": 0}
+        if self._uses_8bit(p):
+            nb = -(-n // STATE_BLOCKSIZE)
+            state["state1"] = self._zeros(p, n, torch.uint8)
+            state["state2"] = self._zeros(p, n, torch.uint8)
+            state["absmax1"] = self._zeros(p, nb, torch.float32)
+            state["absmax2"] = self._zeros(p, nb, torch.float32)
+        else:
+            state["exp_avg"] = self._zeros(p, n, torch.float32)
+            state["exp_avg_sq"] = self._zeros(p, n, torch.float32)
+        return state
+
+    def state_bytes(self) -> int:
+        """Bytes held by the optimizer states."""
+        total = 0
+        for st in self.state.values():
+            for v in st.values():
+                if torch.is_tensor(v):
+                    total += v.numel() * v.element_size()
+        return total
+
+    # ------------------------------------------------------------------ step
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("nybble.optim.AdamW does not support sparse gradients")
+                if p.dtype not in _CORE_DTYPE:
+                    raise TypeError(f"parameter dtype {p.dtype} is not float32, float16 or bfloat16")
+                state = self.state[p]
+                if not state:
+                    state.update(self._init_state(p))
+                state["step"] = int(state["step"]) + 1
+                self._update(p, p.grad, state, group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+        return loss
+
+    def _update(self, p, g, state, lr, beta1, beta2, eps, wd) -> None:
+        step = state["step"]
+        eight = "state1" in state
+        bufs = [state[k] for k in (("state1", "state2", "absmax1", "absmax2") if eight else ("exp_avg", "exp_avg_sq"))]
+        if bufs[0].device != p.device:
+            # States kept on the host (paged fallback): update a host copy, then write it back.
+            p_host, g_host = p.detach().to("cpu", copy=True).contiguous(), g.detach().to("cpu").contiguous()
+            self._update_cpu(p_host, g_host, bufs, eight, step, lr, beta1, beta2, eps, wd)
+            p.copy_(p_host.view_as(p))
+            return
+        if p.is_cuda:
+            if self.paged:
+                _paged.prefetch(bufs, p.device)
+            c = kopt.adamw_constants(lr, beta1, beta2, eps, wd, step)
+            pc = p.data if p.is_contiguous() else p.data.contiguous()
+            gc = g.to(p.dtype).contiguous()
+            if eight:
+                kopt.adamw_8bit_cuda(pc.view(-1), gc.view(-1), *bufs, _code(True, p.device), _code(False, p.device), c)
+            else:
+                kopt.adamw_32bit_cuda(pc.view(-1), gc.view(-1), *bufs, c)
+            if pc.data_ptr() != p.data_ptr():
+                p.copy_(pc)
+            return
+        pc = p.data if p.is_contiguous() else p.data.contiguous()
+        self._update_cpu(pc, g.to(p.dtype).contiguous(), bufs, eight, step, lr, beta1, beta2, eps, wd)
+        if pc.data_ptr() != p.data_ptr():
+            p.copy_(pc)
+
+    def _update_cpu(self, p, g, bufs, eight, step, lr, beta1, beta2, eps, wd) -> None:
+        dt = _CORE_DTYPE[p.dtype]
+        pv, gv = _np_view(p), _np_view(g)
+        hp = (step, float(lr), float(beta1), float(beta2), float(eps), float(wd))
+        if eight:
+            s1, s2, a1, a2 = (b.numpy() for b in bufs)
+            _core.adamw_step_8bit(pv, gv, dt, s1, s2, a1, a2, _core.dynamic_map(True), _core.dynamic_map(False),
+                                  STATE_BLOCKSIZE, *hp, threads=self.threads)
+        else:
+            m, v = (b.numpy() for b in bufs)
+            _core.adamw_step_32bit(pv, gv, dt, m, v, *hp, threads=self.threads)
+
+    # ------------------------------------------------------------------ state dict
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restores param groups and states; states are rebuilt in this optimizer's memory
+        (paged or not) with their saved dtypes (torch's loader would cast float32 state to
+        the parameter dtype). Accepts ``torch.optim.AdamW`` state dicts too."""
+        saved = state_dict["state"]
+        super().load_state_dict({**state_dict, "state": {}})
+        params = [p for g in self.param_groups for p in g["params"]]
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        for pid, p in zip(ids, params):
+            if pid not in saved:
+                continue
+            src = saved[pid]
+            st = {"step": int(src["step"].item() if torch.is_tensor(src["step"]) else src["step"])}
+            for k, v in src.items():
+                if k == "step" or not torch.is_tensor(v):
+                    continue
+                dtype = torch.uint8 if k in ("state1", "state2") else torch.float32
+                buf = self._zeros(p, v.numel(), dtype)
+                buf.copy_(v.reshape(-1).to(dtype))
+                st[k] = buf
+            if not (("exp_avg" in st and "exp_avg_sq" in st) or all(k in st for k in ("state1", "state2", "absmax1", "absmax2"))):
+                raise ValueError(f"optimizer state for parameter {pid} has keys {sorted(src)}, not AdamW's")
+            self.state[p] = st
+
+    def __getstate__(self):
+        return copy.copy(self.__dict__)
+
+
+class AdamW8bit(AdamW):
+    """AdamW with 8-bit block-wise states (bitsandbytes' ``AdamW8bit``)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, min_8bit_size=4096,
+                 threads=None):
+        super().__init__(params, lr, betas, eps, weight_decay, 8, min_8bit_size, False, threads)
+
+
+class PagedAdamW(AdamW):
+    """AdamW with 32-bit states in CUDA managed memory (QLoRA's paged optimizer)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, threads=None):
+        super().__init__(params, lr, betas, eps, weight_decay, 32, 4096, True, threads)
+
+
+class PagedAdamW8bit(AdamW):
+    """AdamW with 8-bit block-wise states in CUDA managed memory."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, min_8bit_size=4096,
+                 threads=None):
+        super().__init__(params, lr, betas, eps, weight_decay, 8, min_8bit_size, True, threads)

@@ -1,0 +1,102 @@
+"""Fine-tuning data: jsonl of ``{"text": ...}`` or ``{"prompt": ..., "response": ...}``
+records, tokenized with the model's tokenizer, padded into batches. For prompt / response
+records the loss is on the response tokens only (labels -100 on the prompt and padding)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+class DataError(ValueError):
+    """A malformed data file; the message names the file and line."""
+
+
+def load_jsonl(path: str | os.PathLike) -> list[dict]:
+    path = Path(path)
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            if "text" in rec:
+                if not isinstance(rec["text"], str):
+                    raise DataError(f"{path}:{lineno}: \"text\" must be a string")
+            elif "prompt" in rec and "response" in rec:
+                if not isinstance(rec["prompt"], str) or not isinstance(rec["response"], str):
+                    raise DataError(f"{path}:{lineno}: \"prompt\" and \"response\" must be strings")
+            else:
+                raise DataError(f"{path}:{lineno}: a record needs \"text\", or \"prompt\" and \"response\" "
+                                f"(got keys {sorted(rec)})")
+            records.append(rec)
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def _special(tokenizer, *names) -> int | None:
+    for n in names:
+        v = getattr(tokenizer, n, None)
+        if v is not None:
+            return int(v)
+    return None
+
+
+def tokenize(records: list[dict], tokenizer, max_length: int = 512) -> list[Example]:
+    """Token ids (BOS + text + EOS) and labels; prompt tokens get label -100. Sequences
+    longer than ``max_length`` are cut from the end."""
+    bos = _special(tokenizer, "bos_token_id", "cls_token_id")
+    eos = _special(tokenizer, "eos_token_id", "sep_token_id")
+    out = []
+    for rec in records:
+        head = [bos] if bos is not None else []
+        tail = [eos] if eos is not None else []
+        if "text" in rec:
+            ids = head + tokenizer(rec["text"], add_special_tokens=False)["input_ids"] + tail
+            labels = list(ids)
+            if head:
+                labels[0] = IGNORE_INDEX
+        else:
+            p = head + tokenizer(rec["prompt"], add_special_tokens=False)["input_ids"]
+            r = tokenizer(rec["response"], add_special_tokens=False)["input_ids"] + tail
+            ids = p + r
+            labels = [IGNORE_INDEX] * len(p) + list(r)
+        out.append(Example(ids[:max_length], labels[:max_length]))
+    return out
+
+
+def pad_id(tokenizer) -> int:
+    v = _special(tokenizer, "pad_token_id", "eos_token_id", "sep_token_id")
+    return 0 if v is None else v
+
+
+def collate(batch: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pads to the longest sequence: input_ids, attention_mask, labels (-100 on pads)."""
+    n = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), n), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(batch), n), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), n), dtype=torch.long)
+    for i, e in enumerate(batch):
+        k = len(e.input_ids)
+        ids[i, :k] = torch.tensor(e.input_ids)
+        labels[i, :k] = torch.tensor(e.labels)
+        mask[i, :k] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

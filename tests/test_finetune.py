@@ -1,0 +1,221 @@
+"""nybble.train / `nybble finetune`: data, memory arithmetic, the training loop on a tiny
+random Llama (CPU), checkpoints and resume, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from click.testing import CliRunner  # noqa: E402
+
+import nybble  # noqa: E402
+from nybble.cli import main  # noqa: E402
+from nybble.nn import Linear4bit  # noqa: E402
+from nybble.train import data as D  # noqa: E402
+from nybble.train import memory as M  # noqa: E402
+from nybble.train import example  # noqa: E402
+from nybble.train.trainer import FinetuneConfig, finetune  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    try:
+        example.tokenizer_dir()
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    return example.build_model_dir(tmp_path_factory.mktemp("tiny") / "llama", hidden=64, layers=2)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_model))
+
+
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory):
+    return example.make_dataset(tmp_path_factory.mktemp("data") / "train.jsonl", n=256)
+
+
+def _cfg(model, data, out, **kw):
+    base = dict(model_dir=str(model), data=str(data), output_dir=str(out), lr=2e-3, r=8, alpha=16, dropout=0.1,
+                batch_size=8, grad_accum=2, max_steps=8, max_length=32, progress=False, log_every=1000)
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
+# ---------------------------------------------------------------------- data
+
+
+def test_malformed_line_names_its_line(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "fine"}\n\n{"prompt": "a", "response": "b"}\n{"prompt": "x"}\n')
+    with pytest.raises(D.DataError, match=r"d.jsonl:4: .*needs"):
+        D.load_jsonl(p)
+    p.write_text('{"text": "fine"}\n{not json\n')
+    with pytest.raises(D.DataError, match=r"d.jsonl:2: not valid JSON"):
+        D.load_jsonl(p)
+    p.write_text('["a list"]\n')
+    with pytest.raises(D.DataError, match=r"d.jsonl:1: expected a JSON object"):
+        D.load_jsonl(p)
+
+
+def test_prompt_tokens_are_masked_and_batches_padded(tokenizer):
+    recs = [{"prompt": "3 plus 4 is", "response": "7"}, {"text": "hello world again and again"}]
+    ex = D.tokenize(recs, tokenizer, max_length=64)
+    prompt_len = 1 + len(tokenizer("3 plus 4 is", add_special_tokens=False)["input_ids"])
+    resp = tokenizer("7", add_special_tokens=False)["input_ids"] + [tokenizer.sep_token_id]
+    assert ex[0].labels == [D.IGNORE_INDEX] * prompt_len + resp
+    assert ex[0].input_ids[prompt_len:] == resp
+    assert ex[1].labels[1:] == ex[1].input_ids[1:]
+    b = D.collate(ex, D.pad_id(tokenizer))
+    n0, n1 = len(ex[0].input_ids), len(ex[1].input_ids)
+    assert b["input_ids"].shape == (2, max(n0, n1))
+    assert b["attention_mask"].sum(1).tolist() == [n0, n1]
+    short = 0 if n0 < n1 else 1
+    assert (b["labels"][short, min(n0, n1):] == D.IGNORE_INDEX).all()
+
+
+# ---------------------------------------------------------------------- memory arithmetic
+
+
+def test_paper_bits_per_parameter():
+    assert M.dq_bits_per_param(64, 256) == pytest.approx(8 / 64 + 32 / (64 * 256))
+    assert round(M.dq_bits_per_param(), 3) == 0.127
+    assert M.weight_bits_per_param(64, double_quant=False) == 4.5
+    # 70B: 4.127 bits/param is ~36 GB of weights (the paper's ~46 GB adds adapters and activations).
+    assert M.paper_estimate(70e9, 0)["weights"] / 1e9 == pytest.approx(36.1, abs=0.1)
+
+
+def test_measured_weight_bytes_agree_with_the_arithmetic():
+    lin = torch.nn.Linear(4096, 2048, bias=False)
+    q = Linear4bit.from_linear(lin, "nf4", 64, True)
+    n = 4096 * 2048
+    nblocks = n // 64
+    tables = 16 * 4 + 256 * 4 + 4  # quant map, nested code, offset: per layer, not per param
+    expected = n // 2 + nblocks + math.ceil(nblocks / 256) * 4 + tables
+    assert M.linear4bit_bytes(q) == expected
+    model = torch.nn.Sequential(q)
+    r = M.measure(model)
+    assert r.base_quantized_bytes == expected
+    # Per parameter exactly 4 + 0.127 bits; the fixed tables add 1 KB per layer.
+    assert (r.base_quantized_bytes - tables) * 8 / n == M.weight_bits_per_param()
+    assert r.weight_bits_per_param == pytest.approx(M.weight_bits_per_param(), abs=2e-3)
+
+
+def test_adapter_and_optimizer_bytes_are_on_adapters_only():
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.Linear(512, 128))
+    nybble.quantize_model(model, skip_modules=())
+    nybble.add_lora(model, r=16)
+    n_lora = 16 * (256 + 512) + 16 * (512 + 128)
+    from nybble.optim import AdamW
+
+    for bits, per_param in ((32, 8.0), (8, None)):
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = AdamW(params, optim_bits=bits)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        r = M.measure(model, opt)
+        assert r.adapter_params == n_lora and r.adapter_bytes == 4 * n_lora and r.grad_bytes == 4 * n_lora
+        if per_param:
+            assert r.optimizer_bytes == per_param * n_lora
+        else:  # 8-bit for tensors >= 4096 elements, 32-bit below (here every LoRA tensor is >= 4096 but one)
+            expect = sum(2 * p.numel() + 8 * math.ceil(p.numel() / 256) if p.numel() >= 4096 else 8 * p.numel()
+                         for p in params)
+            assert r.optimizer_bytes == expect
+        assert "optimizer states" in r.format()
+
+
+# ---------------------------------------------------------------------- training
+
+
+def test_finetune_loss_decreases_and_adapter_round_trips(tiny_model, train_data, tmp_path):
+    out = tmp_path / "out"
+    res = finetune(_cfg(tiny_model, train_data, out, max_steps=60, optim="paged_adamw_8bit"), log=lambda s: None)
+    assert len(res.losses) == 60
+    first, last = sum(res.losses[:5]) / 5, sum(res.losses[-10:]) / 10
+    assert last < 0.6 * first, (first, last)
+    assert res.tokens > 0 and res.tokens_per_second > 0
+    assert res.memory.activation_bytes and res.memory.optimizer_bytes > 0
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 8 and cfg["lora_alpha"] == 16 and cfg["peft_type"] == "LORA"
+    assert set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    # The saved adapter reloaded onto a freshly quantized base gives a trained (lower-loss) model.
+    from nybble.train.trainer import load_model
+
+    batch = D.collate(D.tokenize(D.load_jsonl(train_data)[:16], _tok(tiny_model), 32), 0)
+    fresh = load_model(tiny_model, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        base_loss = float(fresh(**batch).loss)
+        nybble.load_adapter(fresh, out)
+        tuned_loss = float(fresh(**batch).loss)
+    assert tuned_loss < 0.6 * base_loss
+
+
+def _tok(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def test_resume_reproduces_an_uninterrupted_run(tiny_model, train_data, tmp_path):
+    full = tmp_path / "full"
+    finetune(_cfg(tiny_model, train_data, full, max_steps=6, save_steps=3), log=lambda s: None)
+    part = tmp_path / "part"
+    finetune(_cfg(tiny_model, train_data, part, max_steps=3, save_steps=3), log=lambda s: None)
+    ckpt = part / "checkpoint-000003"
+    assert (ckpt / "optimizer.pt").is_file() and (ckpt / "rng_rank0.pt").is_file()
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 3
+    finetune(_cfg(tiny_model, train_data, part, max_steps=6, save_steps=3, resume="latest"), log=lambda s: None)
+    from safetensors.torch import load_file
+
+    a = load_file(str(full / "adapter_model.safetensors"))
+    b = load_file(str(part / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # and training did move the adapters (B starts at zero)
+    assert any(k.endswith("lora_B.weight") and a[k].abs().max() > 0 for k in a)
+
+
+def test_cli_finetune_runs_and_reports(tiny_model, train_data, tmp_path):
+    out = tmp_path / "cli"
+    r = CliRunner().invoke(main, ["finetune", str(tiny_model), "--data", str(train_data), "-o", str(out),
+                                  "--max-steps", "3", "--r", "4", "--batch-size", "4", "--grad-accum", "1",
+                                  "--max-length", "32", "--optim", "adamw_8bit", "--no-progress", "--log-every", "1"])
+    assert r.exit_code == 0, r.output
+    assert "step 3/3" in r.output and "tok/s" in r.output
+    assert "base weights, quantized" in r.output and "optimizer states" in r.output
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_cli_finetune_bad_data_is_a_clean_error(tiny_model, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"response": "no prompt"}\n')
+    r = CliRunner().invoke(main, ["finetune", str(tiny_model), "--data", str(bad), "-o", str(tmp_path / "o"),
+                                  "--max-steps", "1", "--no-progress"])
+    assert r.exit_code == 1
+    assert "bad.jsonl:2" in r.output
+    assert "Traceback" not in r.output
+
+
+def test_cli_example_flag_builds_everything(tmp_path, monkeypatch):
+    try:
+        example.tokenizer_dir()
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    monkeypatch.setenv("NYBBLE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "ex"
+    r = CliRunner().invoke(main, ["finetune", "--example", "-o", str(out), "--max-steps", "2", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert (out / "example_train.jsonl").is_file() and (out / "adapter_config.json").is_file()
+    assert list((tmp_path / "cache" / "example").glob("llama-*"))
+    shutil.rmtree(out)
