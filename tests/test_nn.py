@@ -189,3 +189,69 @@ def test_adapter_save_load_round_trip(rng, tmp_path):
     torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
     with pytest.raises(ValueError, match="no LoRA"):
         nybble.save_adapter(build(), tmp_path / "none")
+
+
+def _small_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+
+
+def test_load_adapter_replaces_existing_scaling(tmp_path):
+    src = nybble.add_lora(_small_model(), r=4, alpha=64)
+    with torch.no_grad():
+        for m in nybble.model.lora_layers(src).values():
+            m.lora_B.weight.normal_()
+    nybble.save_adapter(src, tmp_path / "a")
+    # A model that already carries adapters with another alpha (and rank) takes the file's.
+    dst = nybble.add_lora(_small_model(), r=4, alpha=16)
+    nybble.load_adapter(dst, tmp_path / "a")
+    assert all(m.scaling == 16.0 for m in nybble.model.lora_layers(dst).values())
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
+    trainable = {n for n, p in dst.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_load_adapter_validates_before_changing_the_model(tmp_path):
+    src = nybble.add_lora(_small_model(), r=4, alpha=8)
+    nybble.save_adapter(src, tmp_path / "a")
+    wrong = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 9))
+    with pytest.raises(ValueError, match="do not fit"):
+        nybble.load_adapter(wrong, tmp_path / "a")
+    assert not nybble.model.lora_layers(wrong)
+
+
+def test_second_add_lora_keeps_first_adapters_trainable():
+    model = nybble.add_lora(_small_model(), r=4, target_modules=["0"])
+    nybble.add_lora(model, r=4, target_modules=["2"])
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == ["0.lora_A.weight", "0.lora_B.weight", "2.lora_A.weight", "2.lora_B.weight"]
+
+
+def test_merge_defaults_to_base_dtype_and_skips_disabled():
+    model = nybble.add_lora(_small_model(), r=4)
+    with torch.no_grad():
+        for m in nybble.model.lora_layers(model).values():
+            m.lora_B.weight.normal_()
+    x = torch.randn(2, 16)
+    with nybble.adapters_disabled(model):
+        base_out = model(x).detach()
+    y = model(x).detach()
+    merged = nybble.merge_adapters(model)
+    assert merged[0].weight.dtype == torch.float32
+    torch.testing.assert_close(merged(x), y, rtol=1e-5, atol=1e-5)
+    model2 = nybble.add_lora(_small_model(), r=4)
+    with torch.no_grad():
+        for m in nybble.model.lora_layers(model2).values():
+            m.lora_B.weight.normal_()
+    nybble.set_adapters_enabled(model2, False)
+    torch.testing.assert_close(nybble.merge_adapters(model2)(x), base_out, rtol=1e-5, atol=1e-5)
+
+
+def test_saved_target_modules_select_only_adapted_layers(tmp_path):
+    import json
+
+    model = nybble.add_lora(_small_model(), r=4, target_modules=["2"])
+    nybble.save_adapter(model, tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == ["2"]

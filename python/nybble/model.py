@@ -94,13 +94,20 @@ def add_lora(
     names = _lora_targets(model, target_modules)
     if not names:
         raise ValueError(f"no Linear layer matches target_modules={target_modules!r}")
-    for p in model.parameters():
-        p.requires_grad_(False)
+    _freeze_all_but_adapters(model)
     for n in names:
         _set_module(model, n, LoraLinear(model.get_submodule(n), r, alpha, dropout, use_rslora, init))
     model._nybble_lora = {"r": r, "alpha": alpha, "dropout": dropout, "use_rslora": use_rslora,
                           "target_modules": target_modules if isinstance(target_modules, str) else sorted(set(target_modules))}
     return model
+
+
+def _freeze_all_but_adapters(model: nn.Module) -> None:
+    """Freezes every parameter except those of LoRA layers already in the model."""
+    adapter_params = {id(p) for m in lora_layers(model).values() for p in (m.lora_A.weight, m.lora_B.weight)}
+    for p in model.parameters():
+        if id(p) not in adapter_params:
+            p.requires_grad_(False)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
@@ -121,11 +128,22 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
         set_adapters_enabled(model, True)
 
 
-def merge_adapters(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Folds each adapter into its base layer, leaving dense ``nn.Linear`` layers of ``dtype``
-    (a quantized base is decoded first): the merged 16-bit model to export."""
+def _base_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype a dense replacement of ``layer`` should have to fit its model."""
+    if isinstance(layer, Linear4bit):
+        return layer.compute_dtype or layer.weight_dtype
+    if isinstance(layer, Linear8bitLt):
+        return layer.bias.dtype if layer.bias is not None else torch.float16
+    return layer.weight.dtype
+
+
+def merge_adapters(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Folds each enabled adapter into its base layer, leaving dense ``nn.Linear`` layers
+    (a quantized base is decoded first): the merged model to export. ``dtype`` defaults to
+    the base layer's dtype (its compute dtype for 4-bit layers); pass ``torch.bfloat16`` for
+    a 16-bit export."""
     for n, m in lora_layers(model).items():
-        _set_module(model, n, m.merged_linear(dtype))
+        _set_module(model, n, m.merged_linear(dtype or _base_dtype(m.base_layer)))
     return model
 
 
@@ -173,7 +191,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
         "r": first.r,
         "lora_alpha": first.alpha,
         "lora_dropout": dropout,
-        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in layers}),
+        "target_modules": _target_module_names(model, layers),
         "bias": "none",
         "use_rslora": first.use_rslora,
         "fan_in_fan_out": False,
@@ -189,6 +207,19 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, path / ADAPTER_WEIGHTS)
     (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _target_module_names(model: nn.Module, layers: dict[str, LoraLinear]) -> list[str]:
+    """Short names (``q_proj``) when they pick exactly the adapted layers, else full paths:
+    PEFT re-applies ``target_modules`` by suffix when it builds a trainable model."""
+    short = {n.rsplit(".", 1)[-1] for n in layers}
+    linear_types = (nn.Linear, *_QUANTIZED, LoraLinear)
+    matched = {
+        n for n, m in model.named_modules()
+        if isinstance(m, linear_types) and n.rsplit(".", 1)[-1] in short
+        and not any(part in ("lora_A", "lora_B", "base_layer") for part in n.split("."))
+    }
+    return sorted(short) if matched == set(layers) else sorted(layers)
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -207,25 +238,41 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if not layer_names:
         raise ValueError(f"{path}: no LoRA weights under {PEFT_PREFIX!r}")
     existing = lora_layers(model)
-    r, alpha = int(config["r"]), float(config["lora_alpha"])
+    alpha_pattern = config.get("alpha_pattern") or {}
+    use_rslora = bool(config.get("use_rslora"))
+    dropout = float(config.get("lora_dropout") or 0.0)
+    # Validate every layer before changing the model, so a bad adapter leaves it untouched.
+    plan = []
     for n in layer_names:
-        if n not in existing:
-            try:
-                base = model.get_submodule(n)
-            except AttributeError:
-                raise ValueError(f"{path}: adapter layer {n!r} is not in the model") from None
-            for p in base.parameters():
-                p.requires_grad_(False)
-            existing[n] = LoraLinear(base, r, alpha, float(config.get("lora_dropout") or 0.0), bool(config.get("use_rslora")))
-            _set_module(model, n, existing[n])
-        layer = existing[n]
+        a = weights.get(f"{PEFT_PREFIX}{n}.lora_A.weight")
+        b = weights.get(f"{PEFT_PREFIX}{n}.lora_B.weight")
+        if a is None or b is None:
+            raise ValueError(f"{path}: layer {n!r} lacks lora_A or lora_B weights")
+        try:
+            target = model.get_submodule(n)
+        except AttributeError:
+            raise ValueError(f"{path}: adapter layer {n!r} is not in the model") from None
+        base = target.base_layer if isinstance(target, LoraLinear) else target
+        if not hasattr(base, "in_features"):
+            raise ValueError(f"{path}: {n!r} is a {type(base).__name__}, not a Linear layer")
+        r = a.shape[0]  # per-layer rank (PEFT's rank_pattern) is in the weight shapes
+        if tuple(a.shape) != (r, base.in_features) or tuple(b.shape) != (base.out_features, r):
+            raise ValueError(
+                f"{path}: {n}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit a "
+                f"({base.out_features}, {base.in_features}) layer"
+            )
+        alpha = next((float(v) for k, v in alpha_pattern.items() if n == k or n.endswith("." + k)),
+                      float(config["lora_alpha"]))
+        plan.append((n, base, r, alpha, a, b))
+    for n, base, r, alpha, a, b in plan:
+        # A fresh layer each time: an existing adapter's r / alpha must not carry over.
+        layer = LoraLinear(base, r, alpha, dropout, use_rslora)
+        layer.disabled = existing[n].disabled if n in existing else False
         with torch.no_grad():
-            for part in ("lora_A", "lora_B"):
-                w = weights[f"{PEFT_PREFIX}{n}.{part}.weight"]
-                target = getattr(layer, part).weight
-                if w.shape != target.shape:
-                    raise ValueError(f"{path}: {n}.{part} has shape {tuple(w.shape)}, layer expects {tuple(target.shape)}")
-                target.copy_(w)
+            layer.lora_A.weight.copy_(a)
+            layer.lora_B.weight.copy_(b)
+        _set_module(model, n, layer)
+    _freeze_all_but_adapters(model)
     return model
 
 

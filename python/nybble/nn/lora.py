@@ -73,8 +73,10 @@ class LoraLinear(nn.Module):
         return base.weight.detach().to(dtype)
 
     def merged_linear(self, dtype: torch.dtype = torch.bfloat16) -> nn.Linear:
-        """A dense nn.Linear holding base + adapter (the adapter is folded in)."""
-        w = self.base_weight(torch.float32) + self.delta_weight()
+        """A dense nn.Linear holding base + adapter (nothing is added while disabled)."""
+        w = self.base_weight(torch.float32)
+        if not self.disabled:
+            w = w + self.delta_weight()
         bias = getattr(self.base_layer, "bias", None)
         lin = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=w.device, dtype=dtype)
         with torch.no_grad():
