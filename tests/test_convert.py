@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import ml_dtypes
 import numpy as np
@@ -175,11 +176,17 @@ def test_sharded_output_and_sharded_input_round_trip(model_dir, tmp_path):
     # A weight and its constants share a shard (transformers loads them together).
     w = f"{LAYER}.weight"
     assert len({index["weight_map"][k] for k in index["weight_map"] if k.startswith(w)}) == 1
-    # A sharded plain folder (written here by copying everything) is a valid input and
-    # converts to the same tensors as the single file.
+    # A sharded plain folder (the same tensors split over two files and an index) is a
+    # valid input and converts to the same tensors as the single file.
     plain = tmp_path / "plain-sharded"
-    ck.quantize_checkpoint(src, plain, only=["nothing"], max_shard_size="10KB")
-    assert (plain / ck.INDEX_FILE).exists()
+    plain.mkdir()
+    shutil.copy(src / "config.json", plain / "config.json")
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for fname, keys in halves.items():
+        write_checkpoint(plain / fname, {k: tensors[k] for k in keys}, {"format": "pt"})
+    weight_map = {k: f for f, keys in halves.items() for k in keys}
+    (plain / ck.INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     again = tmp_path / "again"
     ck.quantize_checkpoint(plain, again)
     one = ck.Checkpoint(again)

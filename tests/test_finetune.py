@@ -219,3 +219,26 @@ def test_cli_example_flag_builds_everything(tmp_path, monkeypatch):
     assert (out / "example_train.jsonl").is_file() and (out / "adapter_config.json").is_file()
     assert list((tmp_path / "cache" / "example").glob("llama-*"))
     shutil.rmtree(out)
+
+
+def test_long_prompt_keeps_response_and_eos(tokenizer):
+    long_prompt = " ".join(["word"] * 100)
+    ex = D.tokenize([{"prompt": long_prompt, "response": "seven"}], tokenizer, max_length=16)[0]
+    resp = tokenizer("seven", add_special_tokens=False)["input_ids"]
+    assert len(ex.input_ids) == 16
+    assert ex.input_ids[-1] == tokenizer.sep_token_id and ex.labels[-1] == tokenizer.sep_token_id
+    assert ex.labels[-1 - len(resp):-1] == resp
+    assert sum(label != D.IGNORE_INDEX for label in ex.labels) == len(resp) + 1
+    with pytest.raises(ValueError, match="no example has tokens to train on"):
+        D.tokenize([{"prompt": "a", "response": ""}], _NoEos(tokenizer), max_length=16)
+
+
+class _NoEos:
+    """A tokenizer wrapper without EOS, so an empty response leaves nothing to learn."""
+
+    def __init__(self, tok):
+        self._tok = tok
+        self.bos_token_id = tok.cls_token_id
+
+    def __call__(self, *a, **k):
+        return self._tok(*a, **k)

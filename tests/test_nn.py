@@ -40,20 +40,27 @@ def test_linear4bit_forward_backward_against_float64(rng, quant_type, double_qua
 
 
 def test_linear4bit_does_not_keep_dense_weight_for_backward(rng):
+    import weakref
+
     lin = make_linear(rng, 256, 256)
     q = Linear4bit.from_linear(lin, compute_dtype=torch.float32)
+    decoded = []
+    original = q.dequantized_weight
+
+    def spy(dtype=None):
+        w = original(dtype)
+        decoded.append(weakref.ref(w))
+        return w
+
+    q.dequantized_weight = spy
     x = torch.randn(4, 256, requires_grad=True)
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = q(x)
-    assert all(t.numel() < 256 * 256 for t in saved)
+    y = q(x)
+    # The dense weight decoded in forward is gone once forward returns...
+    assert len(decoded) == 1 and decoded[0]() is None
     y.sum().backward()
-    assert x.grad is not None
+    # ...and backward decodes it again for dX.
+    assert len(decoded) == 2
+    torch.testing.assert_close(x.grad, torch.ones(4, 256) @ original(torch.float32))
 
 
 def test_linear4bit_state_dict_round_trip_and_to(rng):
@@ -87,12 +94,13 @@ def test_linear8bit_forward_matches_llm_int8_reference(rng):
     # float64 reference of the decomposition.
     w = lin.weight.detach().double()
     scb = w.abs().max(1).values.float().double()
-    wq = torch.round(w.float() * (1.0 / scb.float()[:, None]) * 127).double()
+    wq = torch.round(w.float() * ((1.0 / scb.float()) * 127)[:, None]).double()
     cols = torch.tensor([5, 40])
     xd = x.double().clone()
     xo = xd[:, cols].clone()
     xd[:, cols] = 0
-    ra = xd.abs().max(1).values
+    # Row scales leave out the outlier elements only (bitsandbytes' rule), not whole columns.
+    ra = torch.where(x.double().abs() >= 6.0, 0.0, x.double()).abs().max(1).values
     xq = torch.round(xd.float() * ((1.0 / ra.float()) * 127)[:, None]).double()
     ref = (xq @ wq.t()) * ra[:, None] * scb[None, :] / 127**2 + xo @ (wq[:, cols] * scb[:, None] / 127).t()
     ref = ref + lin.bias.double()
@@ -140,12 +148,17 @@ def test_lora_forward_and_gradients(rng, base_kind, rslora):
         assert torch.autograd.gradcheck(lambda t: lora(t), (xg,))
 
 
-def test_torch_compile_matches_eager(rng):
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_torch_compile_matches_eager(rng, double_quant):
     lin = make_linear(rng, 32, 16)
-    model = nn.Sequential(LoraLinear(Linear4bit.from_linear(lin, compute_dtype=torch.float32), r=4), nn.ReLU())
+    base = Linear4bit.from_linear(lin, double_quant=double_quant, compute_dtype=torch.float32)
+    model = nn.Sequential(LoraLinear(base, r=4), nn.ReLU())
+    with torch.no_grad():
+        model[0].lora_B.weight.normal_()
     x = torch.randn(4, 32)
     eager = model(x)
-    compiled = torch.compile(model, backend="eager")
+    # fullgraph: the packed-weight ops must trace without a graph break.
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), eager)
 
 

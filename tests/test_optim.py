@@ -237,6 +237,21 @@ def test_non_finite_grad_raises_and_leaves_param_untouched():
         assert torch.equal(p.detach(), before)
 
 
+def test_non_finite_grad_in_a_later_param_leaves_everything_untouched():
+    a, b = torch.nn.Parameter(torch.randn(5000)), torch.nn.Parameter(torch.randn(300))
+    for opt in (AdamW([a, b]), AdamW8bit([a, b])):
+        a.grad, b.grad = torch.randn(5000), torch.randn(300)
+        opt.step()
+        before = [a.detach().clone(), b.detach().clone()]
+        steps = [int(opt.state[p]["step"]) for p in (a, b)]
+        a.grad, b.grad = torch.randn(5000), torch.randn(300)
+        b.grad[7] = float("nan")
+        with pytest.raises(nybble.NonFiniteError, match="parameter 1 .*flat index 7"):
+            opt.step()
+        assert torch.equal(a.detach(), before[0]) and torch.equal(b.detach(), before[1])
+        assert [int(opt.state[p]["step"]) for p in (a, b)] == steps
+
+
 def test_invalid_hyper_parameters():
     p = torch.nn.Parameter(torch.randn(3))
     with pytest.raises(ValueError):

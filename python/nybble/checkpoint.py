@@ -449,6 +449,10 @@ def quantize_checkpoint(
         raise CheckpointError(f"{src} is already quantized ({already[0]!r}); dequantize it first")
     listing = [(e.name, e.dtype, list(e.shape)) for e in ckpt.entries.values()]
     chosen = select_tensors(listing, only, skip)
+    if not chosen:
+        # A checkpoint with nothing packed would still claim a quantization_config.
+        what = f"--only {' '.join(only)}" if list(only) else "the default rule (2-D float .weight of linear layers)"
+        raise CheckpointError(f"{src}: no tensor to quantize matches {what}")
     config = ckpt.config()
 
     with staged_output(out, overwrite) as staging:

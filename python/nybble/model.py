@@ -265,13 +265,18 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                       float(config["lora_alpha"]))
         plan.append((n, base, r, alpha, a, b))
     for n, base, r, alpha, a, b in plan:
-        # A fresh layer each time: an existing adapter's r / alpha must not carry over.
-        layer = LoraLinear(base, r, alpha, dropout, use_rslora)
-        layer.disabled = existing[n].disabled if n in existing else False
+        layer = existing.get(n)
+        if layer is not None and layer.r == r:
+            # Same rank: load in place, so optimizers holding these parameters (a resumed
+            # run) keep training them; the file's alpha / rsLoRA / dropout replace the layer's.
+            layer.configure(alpha, use_rslora, dropout)
+        else:
+            layer = LoraLinear(base, r, alpha, dropout, use_rslora)
+            layer.disabled = existing[n].disabled if n in existing else False
+            _set_module(model, n, layer)
         with torch.no_grad():
             layer.lora_A.weight.copy_(a)
             layer.lora_B.weight.copy_(b)
-        _set_module(model, n, layer)
     _freeze_all_but_adapters(model)
     return model
 

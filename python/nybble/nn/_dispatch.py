@@ -25,9 +25,11 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 @torch.library.custom_op("nybble::decode_absmax", mutates_args=())
 def _decode_absmax_cpu(
-    codes: torch.Tensor, nested_absmax: torch.Tensor, nested_code: torch.Tensor, offset: float, blocksize: int
+    codes: torch.Tensor, nested_absmax: torch.Tensor, nested_code: torch.Tensor, offset: torch.Tensor, blocksize: int
 ) -> torch.Tensor:
-    out = _core.double_dequantize(_np(codes), _np(nested_absmax), offset, _np(nested_code), blocksize)
+    # The offset arrives as a 0-d tensor: reading it as a Python float here, inside the op,
+    # keeps torch.compile from tracing a data-dependent scalar.
+    out = _core.double_dequantize(_np(codes), _np(nested_absmax), float(offset), _np(nested_code), blocksize)
     return torch.from_numpy(out)
 
 
@@ -55,15 +57,16 @@ def decode_absmax(absmax: torch.Tensor, nested: dict | None) -> torch.Tensor:
     """float32 absmax per block, decoding the double quantization if present."""
     if nested is None:
         return absmax
+    offset = nested["offset"]
     if absmax.is_cuda:
         from .. import kernels
 
         return kernels.decode_absmax(
-            absmax, nested["nested_absmax"], nested["nested_code"], nested["offset"], nested["blocksize"]
+            absmax, nested["nested_absmax"], nested["nested_code"], float(offset), nested["blocksize"]
         )
-    return _decode_absmax_cpu(
-        absmax, nested["nested_absmax"], nested["nested_code"], float(nested["offset"]), int(nested["blocksize"])
-    )
+    if not isinstance(offset, torch.Tensor):
+        offset = torch.tensor(float(offset), dtype=torch.float32)
+    return _decode_absmax_cpu(absmax, nested["nested_absmax"], nested["nested_code"], offset, int(nested["blocksize"]))
 
 
 def dequantize_4bit(
@@ -125,7 +128,10 @@ def int8_vectorwise_quant(x: torch.Tensor, threshold: float):
 
 def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """int8 (M, K) @ int8 (N, K)^T -> int32 (M, N), exact."""
-    if a.is_cuda and a.shape[0] > 16:
-        return torch._int_mm(a, b.t())
+    if a.is_cuda:
+        from ..kernels import _int_mm_padded
+
+        # torch._int_mm wants rows > 16 and dims in multiples of 8: zero padding is exact.
+        return _int_mm_padded(a, b)[: a.shape[0], : b.shape[0]]
     # float64 holds every int32 accumulation exactly (|acc| < 2^53).
     return (a.double() @ b.double().t()).to(torch.int32)

@@ -141,7 +141,7 @@ class Linear4bit(nn.Module):
         nested = {
             "nested_absmax": self.nested_absmax_bits.view(torch.float32),
             "nested_code": self.nested_code_bits.view(torch.float32),
-            "offset": float(self.offset_bits.view(torch.float32)),
+            "offset": self.offset_bits.view(torch.float32),
             "blocksize": 256,
         }
         return _dispatch.decode_absmax(self.absmax_codes, nested)

@@ -31,17 +31,22 @@ class LoraLinear(nn.Module):
         for p in base_layer.parameters():
             p.requires_grad_(False)
         self.in_features, self.out_features = in_f, out_f
-        self.r, self.alpha, self.use_rslora = r, float(alpha), use_rslora
-        self.scaling = self.alpha / (math.sqrt(r) if use_rslora else r)
+        self.r = r
+        self.configure(alpha, use_rslora, dropout)
         device = next((t.device for t in base_layer.buffers()), None) or next(
             (p.device for p in base_layer.parameters()), None
         )
         dtype = torch.float32
         self.lora_A = nn.Linear(in_f, r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r, out_f, bias=False, device=device, dtype=dtype)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_lora_parameters(init)
         self.disabled = False
+
+    def configure(self, alpha: float, use_rslora: bool = False, dropout: float = 0.0) -> None:
+        """Sets the scaling (``alpha / r``, rsLoRA ``alpha / sqrt(r)``) and the dropout."""
+        self.alpha, self.use_rslora = float(alpha), use_rslora
+        self.scaling = self.alpha / (math.sqrt(self.r) if use_rslora else self.r)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     @torch.no_grad()
     def reset_lora_parameters(self, init: str = "kaiming") -> None:

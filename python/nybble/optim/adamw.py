@@ -122,6 +122,18 @@ class AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Check every gradient before touching any parameter, so a NaN / Inf leaves the
+        # model and the optimizer state exactly as they were.
+        for i, p in enumerate(p for g in self.param_groups for p in g["params"]):
+            if p.grad is not None and not p.grad.is_sparse and not bool(torch.isfinite(p.grad).all()):
+                from .._core import NonFiniteError
+
+                flat = p.grad.detach().reshape(-1)
+                j = int((~torch.isfinite(flat)).nonzero()[0])
+                raise NonFiniteError(
+                    f"gradient of parameter {i} (shape {tuple(p.shape)}) holds {float(flat[j])} at flat "
+                    f"index {j}; no parameter was updated"
+                )
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:

@@ -61,25 +61,38 @@ def _special(tokenizer, *names) -> int | None:
 
 
 def tokenize(records: list[dict], tokenizer, max_length: int = 512) -> list[Example]:
-    """Token ids (BOS + text + EOS) and labels; prompt tokens get label -100. Sequences
-    longer than ``max_length`` are cut from the end."""
+    """Token ids (BOS + text + EOS) and labels; prompt tokens get label -100.
+
+    Over-long examples keep their EOS: ``text`` is cut at the end; for prompt / response the
+    response keeps priority and the prompt loses its oldest tokens, so the example still
+    has tokens to learn from. Examples left with nothing to learn are dropped; if all are,
+    that is an error."""
     bos = _special(tokenizer, "bos_token_id", "cls_token_id")
     eos = _special(tokenizer, "eos_token_id", "sep_token_id")
+    head = [bos] if bos is not None else []
+    tail = [eos] if eos is not None else []
+    budget = max_length - len(head) - len(tail)
+    if budget < 1:
+        raise ValueError(f"max_length {max_length} leaves no room for tokens besides BOS / EOS")
     out = []
     for rec in records:
-        head = [bos] if bos is not None else []
-        tail = [eos] if eos is not None else []
         if "text" in rec:
-            ids = head + tokenizer(rec["text"], add_special_tokens=False)["input_ids"] + tail
-            labels = list(ids)
-            if head:
-                labels[0] = IGNORE_INDEX
+            body = tokenizer(rec["text"], add_special_tokens=False)["input_ids"][:budget]
+            ids = head + body + tail
+            labels = [IGNORE_INDEX] * len(head) + body + tail
         else:
-            p = head + tokenizer(rec["prompt"], add_special_tokens=False)["input_ids"]
-            r = tokenizer(rec["response"], add_special_tokens=False)["input_ids"] + tail
-            ids = p + r
-            labels = [IGNORE_INDEX] * len(p) + list(r)
-        out.append(Example(ids[:max_length], labels[:max_length]))
+            prompt = tokenizer(rec["prompt"], add_special_tokens=False)["input_ids"]
+            response = tokenizer(rec["response"], add_special_tokens=False)["input_ids"][:budget]
+            room = budget - len(response)
+            prompt = prompt[len(prompt) - room:] if room < len(prompt) else prompt
+            if room == 0:
+                prompt = []
+            ids = head + prompt + response + tail
+            labels = [IGNORE_INDEX] * (len(head) + len(prompt)) + response + tail
+        if any(label != IGNORE_INDEX for label in labels):
+            out.append(Example(ids, labels))
+    if records and not out:
+        raise ValueError("no example has tokens to train on (empty texts / responses)")
     return out
 
 
