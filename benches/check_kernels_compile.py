@@ -20,9 +20,7 @@ import ctypes
 import glob
 import importlib.util
 import os
-import site
 import sys
-import sysconfig
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,18 +36,7 @@ def load_source_module():
 
 
 def _site_dirs() -> list[Path]:
-    dirs = [Path(p) for p in sys.path if p]
-    try:
-        dirs += [Path(p) for p in site.getsitepackages()]
-    except AttributeError:  # virtualenvs with an old site.py
-        pass
-    dirs += [Path(sysconfig.get_paths()["purelib"]), Path(sysconfig.get_paths()["platlib"])]
-    seen, out = set(), []
-    for d in dirs:
-        if d.is_dir() and d not in seen:
-            seen.add(d)
-            out.append(d)
-    return out
+    return load_source_module()._site_dirs()
 
 
 def find_nvrtc() -> list[Path]:

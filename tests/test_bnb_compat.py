@@ -95,7 +95,7 @@ def test_4bit_random(rng, quant_type, double_quant, dtype, kind):
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_4bit_minilm(minilm_linear_weights, quant_type, double_quant):
     total_ties = 0
-    for name, w in minilm_linear_weights.items():
+    for w in minilm_linear_weights.values():
         for dtype in [torch.float32, torch.bfloat16]:
             total_ties += check_4bit(torch.from_numpy(w).to(dtype), 64, quant_type, double_quant)
     n = sum(w.size for w in minilm_linear_weights.values()) * 2

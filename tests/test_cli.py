@@ -16,11 +16,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from test_convert import write_checkpoint
 
 from nybble import checkpoint as ck
 from nybble.cli import main
-
-from test_convert import write_checkpoint
 
 
 def tree_hash(path):

@@ -18,8 +18,8 @@ import nybble  # noqa: E402
 from nybble.cli import main  # noqa: E402
 from nybble.nn import Linear4bit  # noqa: E402
 from nybble.train import data as D  # noqa: E402
-from nybble.train import memory as M  # noqa: E402
 from nybble.train import example  # noqa: E402
+from nybble.train import memory as M  # noqa: E402
 from nybble.train.trainer import FinetuneConfig, finetune  # noqa: E402
 
 

@@ -359,7 +359,7 @@ def load_quantized(
     still_meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if still_meta:
         raise ValueError(f"{path}: checkpoint lacks tensors for {still_meta[:5]}{'...' if len(still_meta) > 5 else ''}")
-    for n, p in model.named_parameters():
+    for p in model.parameters():
         if p.is_floating_point() and p.dtype != dtype:
             p.data = p.data.to(dtype)
     for p in model.parameters():

@@ -117,7 +117,8 @@ def dequantize_4bit(
         return out
     if packed.is_cuda or dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return reference.dequantize_4bit(packed, absmax, shape, blocksize, quant_type, dtype)
-    from ..quant import QuantState4bit, dequantize_4bit as core_dequantize
+    from ..quant import QuantState4bit
+    from ..quant import dequantize_4bit as core_dequantize
 
     state = QuantState4bit(
         shape=shape, dtype=str(dtype).replace("torch.", ""), blocksize=blocksize, quant_type=quant_type,

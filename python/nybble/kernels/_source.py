@@ -10,6 +10,7 @@ import os
 import re
 import site
 import sys
+import sysconfig
 from pathlib import Path
 
 #: Options every kernel is compiled with, at run time (CuPy adds the device's arch) and in CI.
@@ -86,6 +87,7 @@ def _site_dirs() -> list[Path]:
         dirs += [Path(p) for p in site.getsitepackages()]
     except AttributeError:  # virtualenvs with an old site.py
         pass
+    dirs += [Path(sysconfig.get_paths()["purelib"]), Path(sysconfig.get_paths()["platlib"])]
     out: list[Path] = []
     for d in dirs:
         if d.is_dir() and d not in out:

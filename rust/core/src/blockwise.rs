@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use crate::codebook::{check_sorted_codebook, QuantType4, FP4, NF4};
 use crate::element::{first_non_finite, Element};
-use crate::error::{check_blocksize, num_blocks, Error, Result};
+use crate::error::{check_blocksize, check_len, num_blocks, Error, Result};
 
 /// bitsandbytes clamps the divisor so an all-zero block scales to zeros instead of NaN.
 const MIN_ABSMAX: f32 = 1e-38;
@@ -276,18 +276,6 @@ fn non_finite_error<T: Element>(x: &[T]) -> Error {
     match first_non_finite(x) {
         Some((index, value)) => Error::NonFinite { index, value },
         None => unreachable!("a block reported a non-finite value that a rescan cannot find"),
-    }
-}
-
-fn check_len(what: &'static str, expected: usize, got: usize) -> Result<()> {
-    if expected == got {
-        Ok(())
-    } else {
-        Err(Error::LengthMismatch {
-            what,
-            expected,
-            got,
-        })
     }
 }
 

@@ -109,6 +109,19 @@ pub fn check_blocksize(blocksize: usize) -> Result<()> {
     }
 }
 
+/// A buffer of the wrong length, named for the error message.
+pub fn check_len(what: &'static str, expected: usize, got: usize) -> Result<()> {
+    if expected == got {
+        Ok(())
+    } else {
+        Err(Error::LengthMismatch {
+            what,
+            expected,
+            got,
+        })
+    }
+}
+
 /// Number of blocks covering `n` elements (the last block may be partial).
 pub fn num_blocks(n: usize, blocksize: usize) -> usize {
     n.div_ceil(blocksize)

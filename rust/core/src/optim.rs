@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use crate::blockwise::nearest_code;
 use crate::codebook::check_sorted_codebook;
 use crate::element::{first_non_finite, Element};
-use crate::error::{check_blocksize, num_blocks, Error, Result};
+use crate::error::{check_blocksize, check_len, num_blocks, Error, Result};
 
 /// Block size of the 8-bit optimizer states (bitsandbytes' fixed value).
 pub const STATE_BLOCKSIZE: usize = 256;
@@ -88,18 +88,6 @@ fn update(c: &Consts, p: f32, g: f32, m: f32, v: f32) -> (f32, f32, f32) {
     let v = v * c.beta2 + (g * g) * c.one_minus_beta2;
     let denom = v.sqrt() / c.bc2_sqrt + c.eps;
     (p - c.step_size * (m / denom), m, v)
-}
-
-fn check_len(what: &'static str, expected: usize, got: usize) -> Result<()> {
-    if expected == got {
-        Ok(())
-    } else {
-        Err(Error::LengthMismatch {
-            what,
-            expected,
-            got,
-        })
-    }
 }
 
 /// Rejects a gradient holding NaN / Inf before anything is modified.
