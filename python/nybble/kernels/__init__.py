@@ -195,6 +195,7 @@ def _matmul_4bit_nograd(x, packed, absmax, shape, blocksize, quant_type, bias):
         b = None if bias is None else bias.to(x.dtype).contiguous()
         k.launch_gemv_4bit(x2, _contiguous_aligned(packed, 16), absmax.contiguous(), b, out, blocksize, quant_type)
         return out.reshape(*x.shape[:-1], out_features)
+    # Large M: decode W once with the fastest dequantize here (kernel / Rust), then a GEMM.
     w = dequantize_4bit(packed, absmax, shape, blocksize, quant_type, x.dtype)
     out = torch.matmul(x, w.t())
     return out if bias is None else out + bias.to(out.dtype)

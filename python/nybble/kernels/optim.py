@@ -19,7 +19,6 @@ import torch
 KERNEL_FILE = "optim_8bit.cu"
 STATE_BLOCKSIZE = 256
 _THREADS = 256
-_SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
 @dataclass(frozen=True)
@@ -120,22 +119,9 @@ def adamw_8bit_reference(p, g, state1, state2, absmax1, absmax2, code1, code2, c
 # ---------------------------------------------------------------------- CUDA kernels
 
 
-def _check(t: torch.Tensor, what: str, dtype=None) -> None:
-    if not t.is_cuda or not t.is_contiguous():
-        raise ValueError(f"{what} must be a contiguous CUDA tensor")
-    if dtype is not None and t.dtype != dtype:
-        raise TypeError(f"{what} has dtype {t.dtype}, expected {dtype}")
-
-
-def _suffix(dtype: torch.dtype) -> str:
-    try:
-        return _SUFFIX[dtype]
-    except KeyError:
-        raise TypeError(f"parameter dtype {dtype} is not float32, float16 or bfloat16") from None
-
-
 def launch_adamw_8bit(p, g, state1, state2, absmax1, absmax2, code1, code2, c: AdamWConstants) -> None:
     from . import _cupy
+    from ._cupy import _check, _suffix
 
     _check(p, "param")
     _check(g, "grad", p.dtype)
@@ -160,6 +146,7 @@ def launch_adamw_8bit(p, g, state1, state2, absmax1, absmax2, code1, code2, c: A
 
 def launch_adamw_32bit(p, g, exp_avg, exp_avg_sq, c: AdamWConstants) -> None:
     from . import _cupy
+    from ._cupy import _check, _suffix
 
     _check(p, "param")
     _check(g, "grad", p.dtype)
