@@ -135,6 +135,24 @@ def test_int8_layout(model_dir, tmp_path):
     assert qc["load_in_8bit"] and not qc["load_in_4bit"]
 
 
+def test_int8_original_dtype_comes_from_config(model_dir, tmp_path):
+    # The int8 layout records no dtype per tensor; config.json's model dtype stands in.
+    src, _ = model_dir
+    out = tmp_path / "out"
+    ck.quantize_checkpoint(src, out, method="int8")
+    name = f"{LAYER}.weight"
+    assert ck.packed_weights(ck.Checkpoint(out))[name].dtype == "float32"
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))
+    rows = {r["name"]: r for r in ck.inspect_checkpoint(out)["tensors"]}
+    assert rows[name]["dtype"] == "bfloat16" and rows[name]["format"] == "int8"
+    ck.dequantize_checkpoint(out, tmp_path / "plain")
+    assert ck.Checkpoint(tmp_path / "plain").entries[name].dtype == "BF16"
+    (out / "config.json").write_text("{not json")
+    with pytest.raises(ck.CheckpointError, match="not valid JSON"):
+        ck.inspect_checkpoint(out)
+
+
 def test_selection_rules():
     listing = [
         ("a.attn.q.weight", "BF16", [4, 4]),

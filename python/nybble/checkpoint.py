@@ -186,7 +186,20 @@ class Checkpoint:
         cfg = self.folder / CONFIG_FILE
         if not cfg.is_file():
             return None
-        return json.loads(cfg.read_text())
+        try:
+            config = json.loads(cfg.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{cfg}: not valid JSON: {err}") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{cfg}: expected a JSON object, got {type(config).__name__}")
+        return config
+
+    def model_dtype(self) -> str | None:
+        """The dtype ``config.json`` records for the model (``dtype`` or ``torch_dtype``), when
+        it is one of float32 / float16 / bfloat16."""
+        config = self.config() or {}
+        dtype = config.get("dtype") or config.get("torch_dtype")
+        return dtype if dtype in _SAFETENSORS_NAMES else None
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
@@ -218,7 +231,9 @@ class PackedWeight:
     name: str  # "P.weight"
     format: str  # "nf4" | "fp4" | "int8"
     shape: tuple[int, ...]
-    dtype: str  # original dtype ("bfloat16", ...); int8 weights record none
+    # Original dtype ("bfloat16", ...). The int8 layout records none per tensor: int8 weights
+    # take the model dtype from config.json, float32 when it has none.
+    dtype: str
     keys: list[str] = field(default_factory=list)
     blocksize: int | None = None
     double_quant: bool = False
@@ -232,6 +247,7 @@ def packed_weights(ckpt: Checkpoint) -> dict[str, PackedWeight]:
     """The quantized weights of a checkpoint by name (4-bit via their quant_state entry,
     LLM.int8() via their ``SCB``)."""
     out: dict[str, PackedWeight] = {}
+    int8_dtype: str | None = None
     for key in ckpt.entries:
         if QUANT_STATE_PREFIX in key:
             name, quant_type = key.split(QUANT_STATE_PREFIX, 1)
@@ -259,7 +275,9 @@ def packed_weights(ckpt: Checkpoint) -> dict[str, PackedWeight]:
             if name not in ckpt or ckpt.entries[name].dtype != "I8":
                 raise CheckpointError(f"{ckpt.path}: {key!r} has no int8 weight {name!r}")
             keys = [name, key] + ([f"{module}.weight_format"] if f"{module}.weight_format" in ckpt else [])
-            out[name] = PackedWeight(name, "int8", ckpt.entries[name].shape, "float16", keys)
+            if int8_dtype is None:
+                int8_dtype = ckpt.model_dtype() or "float32"
+            out[name] = PackedWeight(name, "int8", ckpt.entries[name].shape, int8_dtype, keys)
     return out
 
 
@@ -277,7 +295,7 @@ def dequantize_weight(ckpt: Checkpoint, w: PackedWeight, dtype: str | None = Non
             raise CheckpointError(f"{where}: SCB shape {scb.shape} does not match rows {q.shape[0]}")
         # bitsandbytes' int8_vectorwise_dequant, in its float32 evaluation order.
         out = (q * scb[:, None]) * np.float32(7.874015718698502e-3)
-        return out.astype(_NUMPY_DTYPES[_SAFETENSORS_NAMES[dtype or "float32"]])
+        return out.astype(_NUMPY_DTYPES[_SAFETENSORS_NAMES[dtype or w.dtype]])
     quant_map = ckpt.read(f"{w.name}.quant_map")
     if not np.array_equal(quant_map, code_4bit(w.format)):
         raise CheckpointError(f"{where}: quant_map is not the standard {w.format} table")
@@ -529,8 +547,8 @@ def dequantize_checkpoint(
 ) -> int:
     """Writes a plain safetensors copy of a packed checkpoint (one output shard per input
     shard, so memory peaks at one shard). Dequantized weights take ``dtype`` (default: the
-    dtype recorded in their quant state; float32 for int8); other tensors are copied as
-    they are. Returns the number of weights dequantized."""
+    dtype recorded in their quant state; for int8, config.json's model dtype, else float32);
+    other tensors are copied as they are. Returns the number of weights dequantized."""
     dtype = COMPUTE_DTYPES.get(dtype, dtype) if dtype else None
     if dtype is not None and dtype not in COMPUTE_DTYPES.values():
         raise ValueError(f"dtype {dtype!r} is not one of {list(COMPUTE_DTYPES)}")
@@ -555,7 +573,7 @@ def dequantize_checkpoint(
                     continue  # a constant of a packed weight
                 if w is not None:
                     arr = dequantize_weight(ckpt, w, dtype)
-                    arr_dtype = dtype or (w.dtype if w.format != "int8" else "float32")
+                    arr_dtype = dtype or w.dtype
                     st_dtype = _SAFETENSORS_NAMES[arr_dtype]
                 else:
                     arr, st_dtype = ckpt.read(e.name), e.dtype
