@@ -151,6 +151,40 @@ def test_torch_tensors_in_and_out(rng):
     assert nybble.error_stats(x, y).sqnr_db > 18
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dequantize_into_out(rng, dtype):
+    x = torch.from_numpy(rng.standard_normal((33, 65)).astype(np.float32))
+    packed, state = nybble.quantize_4bit(x, double_quant=True)
+    expected = nybble.dequantize_4bit(packed, state, dtype=dtype)
+    # Poisoned buffers: every element must be written, in place, and the buffer returned.
+    out = torch.full((33, 65), float("nan"), dtype=dtype)
+    assert nybble.dequantize_4bit(packed, state, out=out) is out
+    assert torch.equal(out, expected)
+    np_dtype = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: ml_dtypes.bfloat16}[dtype]
+    out_np = np.full((33, 65), np.nan, dtype=np_dtype)
+    assert nybble.dequantize_4bit(packed.numpy(), state, out=out_np) is out_np
+    np.testing.assert_array_equal(out_np.view(np.uint8), expected.contiguous().view(torch.uint8).numpy())
+
+
+def test_dequantize_into_rejects_bad_buffers(rng):
+    x = rng.standard_normal((16, 64)).astype(np.float32)
+    packed, state = nybble.quantize_4bit(x)
+    with pytest.raises(ValueError, match="shape"):
+        nybble.dequantize_4bit(packed, state, out=np.empty((64, 16), np.float32))
+    with pytest.raises(ValueError, match="contiguous"):
+        nybble.dequantize_4bit(packed, state, out=np.empty((64, 16), np.float32).T)
+    with pytest.raises(TypeError, match="dtype"):
+        nybble.dequantize_4bit(packed, state, dtype="float16", out=np.empty((16, 64), np.float32))
+    with pytest.raises(TypeError, match="float64"):
+        nybble.dequantize_4bit(packed, state, out=np.empty((16, 64), np.float64))
+    frozen = np.empty((16, 64), np.float32)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        nybble.dequantize_4bit(packed, state, out=frozen)
+    with pytest.raises(ValueError, match="requires grad"):
+        nybble.dequantize_4bit(packed, state, out=torch.empty((16, 64), requires_grad=True))
+
+
 def test_input_is_not_modified(rng):
     x = rng.standard_normal(1000).astype(np.float32)
     before = x.copy()

@@ -77,6 +77,23 @@ def flat_floats(x: Any, what: str = "input") -> FlatFloats:
     return FlatFloats(arr, name, tuple(x.shape), False)
 
 
+def writable_floats(out: Any, what: str = "out") -> FlatFloats:
+    """A 1-D view of a caller's float output buffer that the core writes in place. Never a
+    copy: a buffer that cannot be viewed (non-contiguous, read-only, on a GPU) is an error."""
+    if is_torch_tensor(out):
+        if out.device.type != "cpu":
+            raise ValueError(f"{what} is on {out.device}; the Rust core writes CPU tensors")
+        if out.requires_grad:
+            raise ValueError(f"{what} requires grad; pass a tensor without autograd history")
+    elif not isinstance(out, np.ndarray):
+        raise TypeError(f"{what} must be a numpy array or a torch tensor, got {type(out).__name__}")
+    elif not out.flags.writeable:
+        raise ValueError(f"{what} is read-only")
+    if not (out.is_contiguous() if is_torch_tensor(out) else out.flags.c_contiguous):
+        raise ValueError(f"{what} must be C-contiguous")
+    return flat_floats(out, what)
+
+
 def check_float_dtype(name: str) -> str:
     if name not in FLOAT_DTYPES:
         raise ValueError(f"dtype {name!r} is not one of {FLOAT_DTYPES}")

@@ -36,6 +36,15 @@ def dequantize_4bit(
     out_dtype: str,
     threads: int | None = None,
 ) -> FloatArray: ...
+def dequantize_4bit_into(
+    packed: npt.NDArray[np.uint8],
+    absmax: npt.NDArray[np.float32],
+    blocksize: int,
+    quant_type: str,
+    out: FloatArray,
+    out_dtype: str,
+    threads: int | None = None,
+) -> None: ...
 def quantize_blockwise(
     x: FloatArray, dtype: str, code: npt.NDArray[np.float32], blocksize: int, threads: int | None = None
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]: ...

@@ -117,24 +117,32 @@ def dequantize_4bit(
     state: QuantState4bit,
     dtype: Any = None,
     threads: int | None = None,
+    out: Any = None,
 ) -> Any:
     """Decodes a packed 4-bit tensor to ``dtype`` (default: the original dtype), shaped like
-    the original. Returns torch if ``packed`` is a torch tensor."""
-    from ._arrays import is_torch_tensor
+    the original. Returns torch if ``packed`` is a torch tensor.
 
-    torch_out = is_torch_tensor(packed)
-    out_dtype = dtype_name(dtype) if dtype is not None else state.dtype
+    ``out``: a C-contiguous numpy array or CPU tensor shaped like the original, written in
+    place and returned (its dtype is the output dtype), so a loop can reuse one buffer."""
+    from ._arrays import is_torch_tensor, writable_floats
+
     p = to_numpy(packed, np.uint8).reshape(-1)
+    quant_type = _check_quant_type(state.quant_type)
+    if out is not None:
+        target = writable_floats(out, "out")
+        if tuple(out.shape) != tuple(state.shape):
+            raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(state.shape)}")
+        if dtype is not None and dtype_name(dtype) != target.dtype:
+            raise TypeError(f"out has dtype {target.dtype} but dtype={dtype_name(dtype)} was asked for")
+        _core.dequantize_4bit_into(
+            p, state.float_absmax(threads), state.blocksize, quant_type, target.array, target.dtype, threads
+        )
+        return out
+    out_dtype = dtype_name(dtype) if dtype is not None else state.dtype
     flat = _core.dequantize_4bit(
-        p,
-        state.float_absmax(threads),
-        state.numel,
-        state.blocksize,
-        _check_quant_type(state.quant_type),
-        out_dtype,
-        threads,
+        p, state.float_absmax(threads), state.numel, state.blocksize, quant_type, out_dtype, threads
     )
-    return from_core(flat, out_dtype, tuple(state.shape), torch_out)
+    return from_core(flat, out_dtype, tuple(state.shape), is_torch_tensor(packed))
 
 
 def quantize_blockwise(

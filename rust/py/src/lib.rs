@@ -133,6 +133,39 @@ fn float_in<'py>(x: &Bound<'py, PyAny>, dtype: &str) -> PyResult<FloatIn<'py>> {
     Ok(arr)
 }
 
+/// A 1-D contiguous float array written in place: float32, or 16-bit patterns.
+enum FloatInOut<'py> {
+    F32(numpy::PyReadwriteArray1<'py, f32>),
+    Bits16(numpy::PyReadwriteArray1<'py, u16>, FloatDtype),
+}
+
+fn float_in_out<'py>(x: &Bound<'py, PyAny>, dtype: &str) -> PyResult<FloatInOut<'py>> {
+    let dt = FloatDtype::parse(dtype).map_err(to_py_err)?;
+    let arr = match dt {
+        FloatDtype::F32 => FloatInOut::F32(x.extract().map_err(|_| {
+            PyValueError::new_err("dtype float32 needs a writable 1-D float32 numpy array")
+        })?),
+        _ => FloatInOut::Bits16(
+            x.extract().map_err(|_| {
+                PyValueError::new_err(format!(
+                    "dtype {dtype} needs a writable 1-D uint16 numpy array of its bit patterns"
+                ))
+            })?,
+            dt,
+        ),
+    };
+    let contiguous = match &arr {
+        FloatInOut::F32(a) => a.is_c_contiguous(),
+        FloatInOut::Bits16(a, _) => a.is_c_contiguous(),
+    };
+    if !contiguous {
+        return Err(PyValueError::new_err(
+            "array written in place must be C-contiguous",
+        ));
+    }
+    Ok(arr)
+}
+
 fn u16_as<T>(s: &[u16]) -> &[T] {
     // SAFETY: f16 and bf16 are repr(transparent) over u16.
     unsafe { std::slice::from_raw_parts(s.as_ptr() as *const T, s.len()) }
@@ -286,6 +319,49 @@ fn dequantize_4bit<'py>(
             p, a, blocksize, qt, o
         ))
     })
+}
+
+/// Block-wise 4-bit dequantization into a caller-owned `out` (float32, or uint16 bits of
+/// float16 / bfloat16 named by `out_dtype`); `out`'s length is the element count. Lets a
+/// caller reuse a buffer (or hand in torch-allocated memory) instead of a fresh allocation.
+#[pyfunction]
+#[pyo3(signature = (packed, absmax, blocksize, quant_type, out, out_dtype, threads=None))]
+#[allow(clippy::too_many_arguments)]
+fn dequantize_4bit_into<'py>(
+    py: Python<'py>,
+    packed: PyReadonlyArray1<'py, u8>,
+    absmax: PyReadonlyArray1<'py, f32>,
+    blocksize: usize,
+    quant_type: &str,
+    out: &Bound<'py, PyAny>,
+    out_dtype: &str,
+    threads: Option<usize>,
+) -> PyResult<()> {
+    let qt = QuantType4::parse(quant_type).map_err(to_py_err)?;
+    contiguous(&packed, "packed")?;
+    contiguous(&absmax, "absmax")?;
+    let (p, a) = (packed.as_slice()?, absmax.as_slice()?);
+    let mut target = float_in_out(out, out_dtype)?;
+    match &mut target {
+        FloatInOut::F32(o) => {
+            let o = o.as_slice_mut()?;
+            run(py, threads, || {
+                blockwise::dequantize_4bit_into(p, a, blocksize, qt, o)
+            })
+        }
+        FloatInOut::Bits16(o, FloatDtype::F16) => {
+            let o: &mut [f16] = u16_as_mut(o.as_slice_mut()?);
+            run(py, threads, || {
+                blockwise::dequantize_4bit_into(p, a, blocksize, qt, o)
+            })
+        }
+        FloatInOut::Bits16(o, _) => {
+            let o: &mut [bf16] = u16_as_mut(o.as_slice_mut()?);
+            run(py, threads, || {
+                blockwise::dequantize_4bit_into(p, a, blocksize, qt, o)
+            })
+        }
+    }
 }
 
 // ---------------------------------------------------------------- 8-bit block-wise
@@ -827,37 +903,6 @@ fn write_safetensors_file(
 
 // ---------------------------------------------------------------- optimizers
 
-/// A 1-D contiguous float array written in place: float32, or 16-bit patterns.
-enum FloatInOut<'py> {
-    F32(numpy::PyReadwriteArray1<'py, f32>),
-    Bits16(numpy::PyReadwriteArray1<'py, u16>, FloatDtype),
-}
-
-fn float_in_out<'py>(x: &Bound<'py, PyAny>, dtype: &str) -> PyResult<FloatInOut<'py>> {
-    let dt = FloatDtype::parse(dtype).map_err(to_py_err)?;
-    let arr = match dt {
-        FloatDtype::F32 => FloatInOut::F32(x.extract().map_err(|_| {
-            PyValueError::new_err("dtype float32 needs a writable 1-D float32 numpy array")
-        })?),
-        _ => FloatInOut::Bits16(
-            x.extract().map_err(|_| {
-                PyValueError::new_err(format!(
-                    "dtype {dtype} needs a writable 1-D uint16 numpy array of its bit patterns"
-                ))
-            })?,
-            dt,
-        ),
-    };
-    let contiguous = match &arr {
-        FloatInOut::F32(a) => a.is_c_contiguous(),
-        FloatInOut::Bits16(a, _) => a.is_c_contiguous(),
-    };
-    if !contiguous {
-        return Err(PyValueError::new_err("param array must be C-contiguous"));
-    }
-    Ok(arr)
-}
-
 #[allow(clippy::too_many_arguments)]
 fn adamw_hp(
     lr: f32,
@@ -989,6 +1034,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize_4bit, m)?)?;
+    m.add_function(wrap_pyfunction!(dequantize_4bit_into, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_blockwise, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize_blockwise, m)?)?;
     m.add_function(wrap_pyfunction!(double_quantize, m)?)?;
