@@ -3,6 +3,7 @@ the GPU), paged variants, state_dict round trips, against torch.optim.AdamW and 
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -263,7 +264,8 @@ def test_invalid_hyper_parameters():
                                np.zeros(2, np.float32), 1, 1e-3, 0.9, 0.999, 1e-8, 0.0)
 
 
-def test_paged_falls_back_to_plain_cpu_tensors_without_cuda():
+def test_paged_optimizer_on_cpu_parameters_equals_plain():
+    # Paging concerns CUDA parameters only: CPU parameters keep plain host states.
     (p_paged, o_paged), (p_plain, _) = _run([lambda ps: PagedAdamW(ps, lr=1e-2), lambda ps: AdamW(ps, lr=1e-2)],
                                            [(70, 70)], steps=5)
     assert torch.equal(p_paged[0], p_plain[0])
@@ -302,18 +304,70 @@ def test_cuda_step_equals_cpu_rust_step(dtype, bits):
 
 @gpu
 @pytest.mark.gpu
-def test_paged_states_live_in_managed_memory():
+@pytest.mark.parametrize("bits", [32, 8])
+def test_paged_states_live_in_managed_memory(bits):
     pytest.importorskip("cupy")
     from nybble.optim import paged
 
     if not paged.managed_memory_available():
         pytest.skip("no managed memory on this device")
+    shapes = [(8192,), (300, 70)]
+    params = [torch.nn.Parameter(p.cuda()) for p in _params(shapes, 21)]
+    plain = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    before = paged.managed_bytes()
+    opt = AdamW(params, lr=1e-2, optim_bits=bits, paged=True)
+    ref = AdamW(plain, lr=1e-2, optim_bits=bits)
+    g = torch.Generator(device="cuda").manual_seed(22)
+    for _ in range(4):
+        for p, q in zip(params, plain):
+            p.grad = torch.randn(p.shape, device="cuda", generator=g)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    for p, q in zip(params, plain):
+        tensors = [v for v in opt.state[p].values() if torch.is_tensor(v)]
+        assert all(paged.is_paged(v) for v in tensors)
+        assert torch.equal(p, q)  # managed memory changes where states live, not the math
+    assert paged.managed_bytes() - before >= sum(p.numel() for p in params) * (2 if bits == 8 else 8)
+
+
+@gpu
+@pytest.mark.gpu
+def test_paged_states_that_do_not_fit_stay_on_the_host_together(monkeypatch):
+    pytest.importorskip("cupy")
+    from nybble.optim import paged
+
+    if not paged.managed_memory_available():
+        pytest.skip("no managed memory on this device")
+    monkeypatch.setattr(paged, "_free_bytes", lambda device: 0)
     p = torch.nn.Parameter(torch.randn(8192, device="cuda"))
-    opt = PagedAdamW8bit([p], lr=1e-2)
+    q = torch.nn.Parameter(p.detach().clone())
+    opt, ref = PagedAdamW8bit([p], lr=1e-2), AdamW8bit([q], lr=1e-2)
+    for _ in range(3):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+        with pytest.warns(UserWarning, match="do not fit") if not opt.state else contextlib.nullcontext():
+            opt.step()
+        ref.step()
+    # Every state of the parameter on the host (never some on the GPU), same result.
+    assert {v.device.type for v in opt.state[p].values() if torch.is_tensor(v)} == {"cpu"}
+    assert torch.equal(p, q)
+    sd = opt.state_dict()
+    opt2 = PagedAdamW8bit([p], lr=1e-2)
+    opt2.load_state_dict(sd)
+    assert {v.device.type for v in opt2.state[p].values() if torch.is_tensor(v)} == {"cpu"}
+
+
+@gpu
+@pytest.mark.gpu
+def test_paged_without_managed_memory_keeps_states_on_the_gpu(monkeypatch):
+    from nybble.optim import adamw, paged
+
+    monkeypatch.setattr(paged, "managed_memory_available", lambda device=None: False)
+    monkeypatch.setattr(adamw, "_NO_MANAGED_WARNED", False)
+    p = torch.nn.Parameter(torch.randn(8192, device="cuda"))
+    opt = PagedAdamW([p], lr=1e-2)
     p.grad = torch.randn_like(p)
-    opt.step()
-    st_ = opt.state[p]
-    assert paged.is_paged(st_["state1"]) and paged.is_paged(st_["absmax2"])
-    assert paged.managed_bytes() >= 2 * 8192
-    ref = torch.nn.Parameter(p.detach().clone())
-    assert torch.isfinite(ref).all()
+    with pytest.warns(UserWarning, match="managed memory is unavailable"):
+        opt.step()
+    assert all(v.is_cuda for v in opt.state[p].values() if torch.is_tensor(v))

@@ -12,6 +12,7 @@ tensors with fewer than ``min_8bit_size`` (4096) elements keep 32-bit states.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterable
 
 import numpy as np
@@ -33,6 +34,18 @@ def _code(signed: bool, device: torch.device) -> torch.Tensor:
     return _CODES[key]
 
 
+_NO_MANAGED_WARNED = False
+
+
+def _warn_no_managed_memory() -> None:
+    global _NO_MANAGED_WARNED
+    if not _NO_MANAGED_WARNED:
+        _NO_MANAGED_WARNED = True
+        warnings.warn("paged optimizer: CUDA managed memory is unavailable (is CuPy installed? pip install "
+                      "'nybble[cuda13]'); optimizer states are ordinary GPU tensors and will not page out",
+                      stacklevel=5)
+
+
 def _np_view(t: torch.Tensor) -> np.ndarray:
     """A writable zero-copy numpy view of a contiguous CPU tensor (16-bit floats as uint16)."""
     flat = t.view(-1)
@@ -48,8 +61,8 @@ class AdamW(torch.optim.Optimizer):
     or 8 (block-wise 8-bit states). ``paged``: states in CUDA managed memory (see
     :mod:`nybble.optim.paged`); plain tensors on the CPU.
 
-    Gradients holding NaN / Inf raise :class:`nybble.NonFiniteError` on the CPU before
-    anything is modified (on the GPU they propagate, as in bitsandbytes).
+    Gradients holding NaN / Inf raise :class:`nybble.NonFiniteError` before anything is
+    modified (one fused check over all gradients per step).
     """
 
     def __init__(
@@ -83,27 +96,37 @@ class AdamW(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ state
 
-    def _zeros(self, p: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    def _state_buffers(self, p: torch.Tensor, specs: dict[str, tuple[int, torch.dtype]]) -> dict[str, torch.Tensor]:
+        """Zeroed state tensors ``{name: (numel, dtype)}`` for ``p``, all in one place: on
+        ``p``'s device, or for paged optimizers in one managed allocation, or (when that does
+        not fit in the GPU's free memory) all on the host."""
+        names = list(specs)
         if self.paged and p.is_cuda:
-            return _paged.paged_zeros((numel,), dtype, p.device)
-        return torch.zeros(numel, dtype=dtype, device=p.device)
+            got = _paged.paged_zeros_group([((n,), dt) for n, dt in specs.values()], p.device)
+            if got is not None:
+                return dict(zip(names, got))
+            if _paged.managed_memory_available(p.device):
+                nbytes = sum(n * torch.empty((), dtype=dt).element_size() for n, dt in specs.values())
+                warnings.warn(f"paged optimizer: the {nbytes:,} bytes of state of a parameter of shape "
+                              f"{tuple(p.shape)} do not fit in the free GPU memory; keeping them on the host "
+                              "(CPU update)", stacklevel=4)
+                return {k: torch.zeros(n, dtype=dt) for k, (n, dt) in specs.items()}
+            _warn_no_managed_memory()
+        return {k: torch.zeros(n, dtype=dt, device=p.device) for k, (n, dt) in specs.items()}
 
     def _uses_8bit(self, p: torch.Tensor) -> bool:
         return self.optim_bits == 8 and p.numel() >= self.min_8bit_size
 
-    def _init_state(self, p: torch.Tensor) -> dict:
+    def _state_specs(self, p: torch.Tensor) -> dict[str, tuple[int, torch.dtype]]:
         n = p.numel()
-        state = {"step": 0}
         if self._uses_8bit(p):
             nb = -(-n // STATE_BLOCKSIZE)
-            state["state1"] = self._zeros(p, n, torch.uint8)
-            state["state2"] = self._zeros(p, n, torch.uint8)
-            state["absmax1"] = self._zeros(p, nb, torch.float32)
-            state["absmax2"] = self._zeros(p, nb, torch.float32)
-        else:
-            state["exp_avg"] = self._zeros(p, n, torch.float32)
-            state["exp_avg_sq"] = self._zeros(p, n, torch.float32)
-        return state
+            return {"state1": (n, torch.uint8), "state2": (n, torch.uint8), "absmax1": (nb, torch.float32),
+                    "absmax2": (nb, torch.float32)}
+        return {"exp_avg": (n, torch.float32), "exp_avg_sq": (n, torch.float32)}
+
+    def _init_state(self, p: torch.Tensor) -> dict:
+        return {"step": 0, **self._state_buffers(p, self._state_specs(p))}
 
     def state_bytes(self) -> int:
         """Bytes held by the optimizer states."""
@@ -123,15 +146,20 @@ class AdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         # Check every gradient before touching any parameter, so a NaN / Inf leaves the
-        # model and the optimizer state exactly as they were.
-        for i, p in enumerate(p for g in self.param_groups for p in g["params"]):
-            if p.grad is not None and not p.grad.is_sparse and not bool(torch.isfinite(p.grad).all()):
+        # model and the optimizer state exactly as they were. One host sync for all of them.
+        params = [p for g in self.param_groups for p in g["params"]]
+        grads = [(i, p.grad) for i, p in enumerate(params) if p.grad is not None and not p.grad.is_sparse]
+        if grads:
+            finite = [torch.isfinite(g).all() for _, g in grads]
+            finite = torch.stack([f.to(finite[0].device) for f in finite])
+            if not bool(finite.all()):
                 from .._core import NonFiniteError
 
-                flat = p.grad.detach().reshape(-1)
+                i, g = grads[int((~finite).nonzero()[0])]
+                flat = g.detach().reshape(-1)
                 j = int((~torch.isfinite(flat)).nonzero()[0])
                 raise NonFiniteError(
-                    f"gradient of parameter {i} (shape {tuple(p.shape)}) holds {float(flat[j])} at flat "
+                    f"gradient of parameter {i} (shape {tuple(params[i].shape)}) holds {float(flat[j])} at flat "
                     f"index {j}; no parameter was updated"
                 )
         for group in self.param_groups:
@@ -205,12 +233,11 @@ class AdamW(torch.optim.Optimizer):
                 continue
             src = saved[pid]
             st = {"step": int(src["step"].item() if torch.is_tensor(src["step"]) else src["step"])}
-            for k, v in src.items():
-                if k == "step" or not torch.is_tensor(v):
-                    continue
-                dtype = torch.uint8 if k in ("state1", "state2") else torch.float32
-                buf = self._zeros(p, v.numel(), dtype)
-                buf.copy_(v.reshape(-1).to(dtype))
+            tensors = {k: v for k, v in src.items() if k != "step" and torch.is_tensor(v)}
+            specs = {k: (v.numel(), torch.uint8 if k in ("state1", "state2") else torch.float32)
+                     for k, v in tensors.items()}
+            for k, buf in self._state_buffers(p, specs).items():
+                buf.copy_(tensors[k].reshape(-1).to(buf.dtype))
                 st[k] = buf
             if not (("exp_avg" in st and "exp_avg_sq" in st) or all(k in st for k in ("state1", "state2", "absmax1", "absmax2"))):
                 raise ValueError(f"optimizer state for parameter {pid} has keys {sorted(src)}, not AdamW's")

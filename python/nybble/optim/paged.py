@@ -3,10 +3,11 @@ when the GPU runs short and that is prefetched back before each optimizer step, 
 QLoRA paper's paged optimizers.
 
 Buffers come from ``cupy.cuda.malloc_managed`` and are handed to torch without a copy
-(DLPack), so the optimizer kernels see ordinary CUDA tensors. No more managed memory is ever
-requested than ``cudaMemGetInfo`` reports free on the card: a state that does not fit (or a
-machine without CUDA / CuPy) gets a plain host tensor instead, and the optimizer updates that
-parameter on the CPU (the Rust core) and copies it back.
+(DLPack), so the optimizer kernels see ordinary CUDA tensors. All states of one parameter
+share one allocation. No more managed memory is ever requested than ``cudaMemGetInfo``
+reports free on the card: a parameter whose states do not fit keeps them on the host, and the
+optimizer updates it on the CPU (the Rust core) and copies it back. Without managed memory
+(no CuPy) the states are ordinary GPU tensors.
 """
 
 from __future__ import annotations
@@ -44,43 +45,66 @@ def _free_bytes(device: torch.device) -> int:
     return int(free)
 
 
-def paged_zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A zero tensor in CUDA managed memory on ``device``; a CPU tensor when managed memory
-    is unavailable or the card has fewer free bytes than asked for."""
-    global _allocated
-    device = torch.device(device)
+_ALIGN = 256  # bytes between the tensors carved from one allocation (any dtype's alignment)
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+def _nbytes(shape, dtype: torch.dtype) -> int:
     numel = 1
     for s in shape:
         numel *= int(s)
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    if device.type != "cuda" or nbytes == 0 or not managed_memory_available(device):
-        return torch.zeros(shape, dtype=dtype)
+    return numel * torch.empty((), dtype=dtype).element_size()
+
+
+def paged_zeros_group(specs, device: torch.device) -> list[torch.Tensor] | None:
+    """Zero tensors ``[(shape, dtype), ...]`` carved from ONE managed allocation on
+    ``device``, or None when managed memory is unavailable or the card does not have that
+    many bytes free (after torch's cached blocks are released). All of a parameter's states
+    thus live together: never some on the GPU and the rest on the host."""
+    global _allocated
+    device = torch.device(device)
+    if device.type != "cuda" or not managed_memory_available(device):
+        return None
+    offsets, total = [], 0
+    for shape, dtype in specs:
+        offsets.append(total)
+        total += _aligned(_nbytes(shape, dtype))
+    if total == 0:
+        return [torch.zeros(shape, dtype=dtype, device=device) for shape, dtype in specs]
     import cupy
 
     with _lock:
-        # Managed memory can oversubscribe the card; we never let it: a state that would not
-        # fit in what is free now lives on the host instead.
-        if nbytes > _free_bytes(device):
-            warnings.warn(f"paged optimizer: {nbytes} bytes of state do not fit in the free GPU memory; "
-                          "keeping this state on the host (CPU update)", stacklevel=3)
-            return torch.zeros(shape, dtype=dtype)
+        # Managed memory can oversubscribe the card; we never let it. torch's caching
+        # allocator may hold freed blocks (the activation peak of the first step), so give
+        # them back before concluding that the state does not fit.
+        if total > _free_bytes(device):
+            torch.cuda.empty_cache()
+        if total > _free_bytes(device):
+            return None
         with cupy.cuda.Device(device.index if device.index is not None else torch.cuda.current_device()):
-            mem = cupy.cuda.malloc_managed(nbytes)
-            arr = cupy.ndarray((numel,), dtype=_cupy_dtype(dtype), memptr=mem)
+            mem = cupy.cuda.malloc_managed(total)
+            arr = cupy.ndarray((total,), dtype=cupy.uint8, memptr=mem)
             arr.fill(0)
             cupy.cuda.get_current_stream().synchronize()
-        _allocated += nbytes
-    t = torch.from_dlpack(arr).view(dtype).reshape(shape)
-    _on_release(mem.mem, nbytes)
-    return t
+        _allocated += total
+    raw = torch.from_dlpack(arr)
+    _on_release(mem.mem, total)
+    out = []
+    for (shape, dtype), off in zip(specs, offsets):
+        n = _nbytes(shape, dtype)
+        # Each view keeps ``raw`` (and so the managed allocation) alive.
+        out.append(raw[off:off + n].view(dtype).reshape(shape))
+    return out
 
 
-def _cupy_dtype(dtype: torch.dtype):
-    import numpy as np
-
-    # bfloat16 has no numpy dtype: allocate its bytes as uint16 and view in torch.
-    return {torch.float32: np.float32, torch.uint8: np.uint8, torch.float16: np.float16,
-            torch.bfloat16: np.uint16, torch.int32: np.int32}[dtype]
+def paged_zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero tensor in CUDA managed memory on ``device``; a CPU tensor when managed memory
+    is unavailable or the card has fewer free bytes than asked for."""
+    got = paged_zeros_group([(shape, dtype)], device)
+    return got[0] if got is not None else torch.zeros(shape, dtype=dtype)
 
 
 def _on_release(memory, nbytes: int) -> None:
