@@ -84,3 +84,25 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert (ckpt / "optimizer.pt").is_file()
     assert (ckpt / "rng_rank0.pt").is_file() and (ckpt / "rng_rank1.pt").is_file()
     assert "step 30/30" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_ddp_example_on_a_cold_cache(tmp_path):
+    # Rank 0 builds the example model and data; rank 1 must wait for them, never race it.
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    try:
+        example.tokenizer_dir()
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "NYBBLE_CACHE": str(tmp_path / "cache")}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "nybble.cli", "finetune", "--example", "-o", str(tmp_path / "out"),
+           "--max-steps", "2", "--no-progress", "--device", "cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    assert not list((tmp_path / "cache" / "example").glob("*.tmp*"))

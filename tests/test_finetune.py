@@ -186,6 +186,84 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_model, train_data, tmp_path
     assert any(k.endswith("lora_B.weight") and a[k].abs().max() > 0 for k in a)
 
 
+class _GradRecorder(torch.optim.Optimizer):
+    """Records each step's gradients (no update), to compare loss normalizations."""
+
+    def __init__(self, params, lr=0.0, **_):
+        super().__init__(params, {"lr": lr})
+        self.grads = []
+
+    def step(self, closure=None):
+        self.grads.append([p.grad.detach().clone() for g in self.param_groups for p in g["params"]])
+
+
+def _grads_of_one_step(monkeypatch, model, data, out, **kw):
+    from nybble.train import trainer
+
+    made = []
+    monkeypatch.setattr(trainer, "make_optimizer", lambda params, *a, **k: made.append(_GradRecorder(params)) or made[-1])
+    finetune(_cfg(model, data, out, max_steps=1, max_grad_norm=0.0, dropout=0.0, warmup_ratio=0.0, **kw),
+             log=lambda s: None)
+    return made[0].grads[0]
+
+
+def test_accumulated_loss_is_the_mean_over_tokens(tiny_model, tmp_path, monkeypatch):
+    # Responses of very different lengths: averaging micro-batch means would weigh a
+    # 1-token response like a 40-token one. Accumulating 2 x 4 must equal one batch of 8.
+    # One long response among short ones: whichever micro-batch holds it has ~10x the tokens.
+    recs = [{"prompt": f"item {i} is", "response": " ".join(["word"] * (40 if i == 0 else 1))} for i in range(8)]
+    data = tmp_path / "uneven.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    one = _grads_of_one_step(monkeypatch, tiny_model, data, tmp_path / "a", batch_size=8, grad_accum=1, max_length=48)
+    two = _grads_of_one_step(monkeypatch, tiny_model, data, tmp_path / "b", batch_size=4, grad_accum=2, max_length=48)
+    assert any(g.abs().max() > 0 for g in one)
+    for a, b in zip(one, two):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), float((a - b).abs().max())
+
+
+def test_non_finite_gradients_skip_steps_then_stop_with_a_checkpoint(tiny_model, train_data, tmp_path, monkeypatch):
+    from nybble.train import trainer
+
+    real = trainer.token_loss_sum
+    calls = {"n": 0}
+
+    def sometimes_nan(logits, labels):
+        calls["n"] += 1
+        loss = real(logits, labels)
+        return loss * float("nan") if calls["n"] == 3 else loss  # one bad micro-batch in step 2
+
+    monkeypatch.setattr(trainer, "token_loss_sum", sometimes_nan)
+    lines = []
+    res = finetune(_cfg(tiny_model, train_data, tmp_path / "skip", max_steps=4), log=lines.append)
+    assert res.skipped_steps == 1 and len(res.losses) == 4
+    assert any("step 2: non-finite gradient norm" in line for line in lines)
+    assert all(math.isfinite(v) for i, v in enumerate(res.losses) if i != 1)
+
+    monkeypatch.setattr(trainer, "token_loss_sum", lambda logits, labels: real(logits, labels) * float("nan"))
+    monkeypatch.setattr(trainer, "MAX_NON_FINITE_STEPS", 2)
+    out = tmp_path / "stop"
+    with pytest.raises(trainer.NonFiniteGradientError, match="2 steps in a row"):
+        finetune(_cfg(tiny_model, train_data, out, max_steps=4), log=lambda s: None)
+    assert (out / "checkpoint-000002" / "adapter_model.safetensors").is_file()
+
+
+def test_resume_refuses_changed_settings(tiny_model, train_data, tmp_path):
+    out = tmp_path / "run"
+    finetune(_cfg(tiny_model, train_data, out, max_steps=2, save_steps=2), log=lambda s: None)
+    with pytest.raises(ValueError, match="batch_size: 8 in the checkpoint, 4 now"):
+        finetune(_cfg(tiny_model, train_data, out, max_steps=4, batch_size=4, resume="latest"), log=lambda s: None)
+    with pytest.raises(ValueError, match="nothing left to train"):
+        finetune(_cfg(tiny_model, train_data, out, max_steps=2, resume="latest"), log=lambda s: None)
+
+
+def test_fewer_examples_than_processes_is_a_clear_error(tiny_model, tmp_path):
+    from nybble.train.trainer import _Batches
+
+    ex = [D.Example([1, 2, 3], [1, 2, 3])]
+    with pytest.raises(ValueError, match="1 training examples cannot be split over 2 processes"):
+        _Batches(ex, 4, 0, rank=0, world=2, seed=0)
+
+
 def test_cli_finetune_runs_and_reports(tiny_model, train_data, tmp_path):
     out = tmp_path / "cli"
     r = CliRunner().invoke(main, ["finetune", str(tiny_model), "--data", str(train_data), "-o", str(out),
@@ -223,7 +301,8 @@ def test_cli_example_flag_builds_everything(tmp_path, monkeypatch):
 
 def test_long_prompt_keeps_response_and_eos(tokenizer):
     long_prompt = " ".join(["word"] * 100)
-    ex = D.tokenize([{"prompt": long_prompt, "response": "seven"}], tokenizer, max_length=16)[0]
+    with pytest.warns(UserWarning, match="1 prompts lost their oldest tokens, 0 responses cut"):
+        ex = D.tokenize([{"prompt": long_prompt, "response": "seven"}], tokenizer, max_length=16)[0]
     resp = tokenizer("seven", add_special_tokens=False)["input_ids"]
     assert len(ex.input_ids) == 16
     assert ex.input_ids[-1] == tokenizer.sep_token_id and ex.labels[-1] == tokenizer.sep_token_id

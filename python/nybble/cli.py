@@ -206,7 +206,7 @@ _EXAMPLE_DEFAULTS = {"lr": 2e-3, "r": 16, "alpha": 32.0, "batch_size": 8, "grad_
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Micro-batch size per process [default: 4; example 8].")
 @click.option("--grad-accum", type=click.IntRange(min=1), default=None, help="Gradient accumulation steps [default: 4; example 2].")
 @click.option("--epochs", type=float, default=1.0, show_default=True)
-@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Optimizer steps (overrides --epochs) [example: 150].")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Optimizer steps (overrides --epochs) [example: 600].")
 @click.option("--max-length", type=click.IntRange(min=2), default=None, help="Tokens per sequence [default: 512; example 64].")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=True, show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True, help="Compute dtype (auto: bf16 on the GPU, fp32 on the CPU).")
@@ -227,7 +227,7 @@ def finetune(model_dir, data, output, example, quant, double_quant, rank, alpha,
     checkpointing. Under torchrun it trains with DDP (gloo on the CPU, NCCL on GPUs).
     """
     try:
-        from .train import FinetuneConfig
+        from .train import FinetuneConfig, NonFiniteGradientError
         from .train import finetune as run_finetune
         from .train.data import DataError
     except ImportError as e:
@@ -239,12 +239,16 @@ def finetune(model_dir, data, output, example, quant, double_quant, rank, alpha,
         from .train import example as ex
 
         defaults.update(_EXAMPLE_DEFAULTS)
+        # Under torchrun, rank 0 writes the example model and data; the others wait for them.
+        main_process = _is_main_process()
         try:
-            model_dir = model_dir or ex.build_model_dir()
+            if model_dir is None:
+                model_dir = ex.build_model_dir() if main_process else ex.default_model_dir()
         except RuntimeError as e:
             raise _Fail(str(e)) from None
+        _wait_for(Path(model_dir) / "model.safetensors")
         if data is None:
-            data = ex.make_dataset(output / "example_train.jsonl") if _is_main_process() else output / "example_train.jsonl"
+            data = ex.make_dataset(output / "example_train.jsonl") if main_process else output / "example_train.jsonl"
             _wait_for(data)
         click.echo(f"example: model {model_dir}, data {data}")
     if data is None:
@@ -267,7 +271,7 @@ def finetune(model_dir, data, output, example, quant, double_quant, rank, alpha,
         run_finetune(cfg, log=click.echo)
     except DataError as e:
         raise _Fail(str(e)) from None
-    except (FileNotFoundError, ValueError, NonFiniteError) as e:
+    except (FileNotFoundError, ValueError, NonFiniteError, NonFiniteGradientError) as e:
         raise _Fail(str(e)) from None
 
 
@@ -278,9 +282,16 @@ def _is_main_process() -> bool:
 
 
 def _wait_for(path: Path, timeout: float = 120.0) -> None:
-    """Other torchrun ranks wait for rank 0 to write the example data."""
+    """Other torchrun ranks wait for rank 0 to write the example model / data (each file
+    appears whole: written aside and renamed into place)."""
     import time
 
     deadline = time.monotonic() + timeout
-    while not path.is_file() and time.monotonic() < deadline:
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            raise _Fail(f"{path} did not appear within {timeout:.0f} s (is rank 0 running?)")
         time.sleep(0.2)
+
+
+if __name__ == "__main__":  # python -m nybble.cli (e.g. under torchrun without the console script)
+    main()

@@ -36,17 +36,30 @@ What FSDP would need (not implemented)
 - State dicts: ``FULL_STATE_DICT`` with ``rank0_only`` gathering then re-viewing the storage
   as uint8 before writing bitsandbytes' keys; adapters saved from the LoRA params only.
 - The paged optimizer pages the *sharded* LoRA states; nothing changes there.
+- FSDP2 (``torch.distributed.fsdp.fully_shard``) shards per parameter as a DTensor instead of
+  flattening, which removes the single-dtype constraint: the packed codes could be sharded
+  as uint8 parameters directly. Linear4bit would then need DTensor-aware forward/backward
+  (all-gather the packed shard before dequantizing, ``reshard_after_forward`` for the
+  recompute in backward) and a ``state_dict`` hook that gathers to the bitsandbytes layout.
 """
 
 from .data import DataError, collate, load_jsonl, tokenize
 from .memory import MemoryReport, dq_bits_per_param, measure, paper_estimate, weight_bits_per_param
-from .trainer import FinetuneConfig, FinetuneResult, finetune, latest_checkpoint, load_model
+from .trainer import (
+    FinetuneConfig,
+    FinetuneResult,
+    NonFiniteGradientError,
+    finetune,
+    latest_checkpoint,
+    load_model,
+)
 
 __all__ = [
     "DataError",
     "FinetuneConfig",
     "FinetuneResult",
     "MemoryReport",
+    "NonFiniteGradientError",
     "collate",
     "dq_bits_per_param",
     "finetune",

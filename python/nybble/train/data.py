@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,15 +76,21 @@ def tokenize(records: list[dict], tokenizer, max_length: int = 512) -> list[Exam
     if budget < 1:
         raise ValueError(f"max_length {max_length} leaves no room for tokens besides BOS / EOS")
     out = []
+    cut_text = cut_prompt = cut_response = 0
     for rec in records:
         if "text" in rec:
-            body = tokenizer(rec["text"], add_special_tokens=False)["input_ids"][:budget]
+            body = tokenizer(rec["text"], add_special_tokens=False)["input_ids"]
+            cut_text += len(body) > budget
+            body = body[:budget]
             ids = head + body + tail
             labels = [IGNORE_INDEX] * len(head) + body + tail
         else:
             prompt = tokenizer(rec["prompt"], add_special_tokens=False)["input_ids"]
-            response = tokenizer(rec["response"], add_special_tokens=False)["input_ids"][:budget]
+            response = tokenizer(rec["response"], add_special_tokens=False)["input_ids"]
+            cut_response += len(response) > budget
+            response = response[:budget]
             room = budget - len(response)
+            cut_prompt += room < len(prompt)
             prompt = prompt[len(prompt) - room:] if room < len(prompt) else prompt
             if room == 0:
                 prompt = []
@@ -93,6 +100,9 @@ def tokenize(records: list[dict], tokenizer, max_length: int = 512) -> list[Exam
             out.append(Example(ids, labels))
     if records and not out:
         raise ValueError("no example has tokens to train on (empty texts / responses)")
+    if cut_text or cut_prompt or cut_response:
+        warnings.warn(f"max_length {max_length}: {cut_text} texts cut at the end, {cut_prompt} prompts lost their "
+                      f"oldest tokens, {cut_response} responses cut at the end", stacklevel=2)
     return out
 
 

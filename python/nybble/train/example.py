@@ -43,7 +43,7 @@ def build_model_dir(path: str | os.PathLike | None = None, hidden: int = 128, la
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    path = Path(path) if path is not None else cache_dir() / f"llama-h{hidden}-l{layers}-s{seed}"
+    path = Path(path) if path is not None else default_model_dir(hidden, layers, seed)
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         return path
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir()))
@@ -55,13 +55,24 @@ def build_model_dir(path: str | os.PathLike | None = None, hidden: int = 128, la
         # A random head of std 0.02 caps every logit near 2.5 (hidden states are RMS-normed),
         # which would pin the loss above ~6 whatever the adapters learn; widen its range.
         model.lm_head.weight.mul_(8.0)
-    tmp = path.with_name(path.name + ".tmp")
+    # Written aside (a name of this process's own) and renamed into place, so a concurrent
+    # builder or reader never sees a half-written folder.
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True)
     tok.save_pretrained(str(tmp))
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    except OSError:
+        if not (path / "model.safetensors").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
     return path
+
+
+def default_model_dir(hidden: int = 128, layers: int = 2, seed: int = 0) -> Path:
+    return cache_dir() / f"llama-h{hidden}-l{layers}-s{seed}"
 
 
 def make_dataset(path: str | os.PathLike, n: int = 512, seed: int = 0) -> Path:
@@ -69,7 +80,8 @@ def make_dataset(path: str | os.PathLike, n: int = 512, seed: int = 0) -> Path:
     rng = random.Random(seed)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as f:
         for _ in range(n):
             a, b = rng.randint(0, 20), rng.randint(0, 20)
             if rng.random() < 0.5:
@@ -78,4 +90,5 @@ def make_dataset(path: str | os.PathLike, n: int = 512, seed: int = 0) -> Path:
                 hi, lo = max(a, b), min(a, b)
                 rec = {"prompt": f"{hi} minus {lo} is", "response": str(hi - lo)}
             f.write(json.dumps(rec) + "\n")
+    os.replace(tmp, path)  # readers (other ranks) see the whole file or none
     return path

@@ -147,10 +147,10 @@ class SavedTensorMeter:
 
 
 def paper_estimate(n_base: int, n_adapter: int, optim_bits: int = 32, adapter_bytes_per_param: int = 4,
-                   blocksize: int = 64) -> dict[str, float]:
+                   blocksize: int = 64, double_quant: bool = True) -> dict[str, float]:
     """The paper's arithmetic, in bytes (no activations)."""
     return {
-        "weights": n_base * weight_bits_per_param(blocksize) / 8,
+        "weights": n_base * weight_bits_per_param(blocksize, double_quant) / 8,
         "adapters": n_adapter * adapter_bytes_per_param,
         "grads": n_adapter * adapter_bytes_per_param,
         "optimizer": n_adapter * optimizer_bytes_per_param(optim_bits),

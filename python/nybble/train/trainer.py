@@ -70,6 +70,7 @@ class FinetuneResult:
     seconds: float = 0.0
     memory: _memory.MemoryReport | None = None
     adapter_dir: str | None = None
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite gradient norm
 
     @property
     def tokens_per_second(self) -> float:
@@ -114,9 +115,12 @@ def load_model(model_dir: str | os.PathLike, device: torch.device, dtype: torch.
         model = load_quantized(model_dir, transformers.AutoModelForCausalLM, compute_dtype=dtype, dtype=dtype)
         model.to(device)
     else:
+        # Quantized on the CPU (the Rust core, bit-identical to the GPU kernels) before the
+        # move, so the GPU never holds the dense model: a 70B model fits where its 4-bit
+        # weights fit.
         model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
-        model.to(device)
         quantize_model(model, quant, blocksize, double_quant, compute_dtype=dtype)
+        model.to(device)
     for p in model.parameters():
         p.requires_grad_(False)
     if hasattr(model, "config"):
@@ -211,6 +215,24 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, config: 
                                                              "config": asdict(config)}, indent=2) + "\n")
 
 
+#: Settings a resumed run must share with its checkpoint: they fix the data order and
+#: position, and the shape of the adapters and optimizer states.
+RESUME_MUST_MATCH = ("batch_size", "grad_accum", "seed", "max_length", "data", "quant", "double_quant", "blocksize",
+                     "r", "target_modules", "optim")
+
+
+def _check_resumable(ckpt: Path, saved: dict, config: FinetuneConfig) -> None:
+    now = asdict(config)
+    diffs = [f"{k}: {saved[k]!r} in the checkpoint, {now[k]!r} now" for k in RESUME_MUST_MATCH
+             if k in saved and _normalized(saved[k]) != _normalized(now[k])]
+    if diffs:
+        raise ValueError(f"cannot resume from {ckpt}: " + "; ".join(diffs))
+
+
+def _normalized(v):
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
 def _barrier(world: int) -> None:
     if world > 1:
         torch.distributed.barrier()
@@ -229,6 +251,9 @@ class _Batches:
         self.examples, self.batch_size, self.pad_id = examples, batch_size, pad_id
         self.sampler = DistributedSampler(examples, num_replicas=world, rank=rank, shuffle=True, seed=seed,
                                           drop_last=world > 1)
+        if len(self.sampler) == 0:
+            raise ValueError(f"{len(examples)} training examples cannot be split over {world} processes "
+                             "(each needs at least one)")
         self.per_epoch = max(1, len(self.sampler) // batch_size)
 
     def iterate(self, skip: int = 0):
@@ -241,6 +266,29 @@ class _Batches:
                 yield _data.collate([self.examples[i] for i in chunk], self.pad_id)
             skip_in_epoch = 0
             epoch += 1
+
+
+# ---------------------------------------------------------------------- loss
+
+#: Optimizer steps in a row with a non-finite gradient norm before the run stops.
+MAX_NON_FINITE_STEPS = 10
+
+
+class NonFiniteGradientError(RuntimeError):
+    """Gradients stayed NaN / Inf for MAX_NON_FINITE_STEPS optimizer steps in a row."""
+
+
+def _label_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """Tokens a causal LM is scored on: labels shifted by one, -100 excluded."""
+    return (labels[:, 1:] != _data.IGNORE_INDEX).sum()
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy (float32) over the labelled positions; 0 with a
+    gradient path when there are none."""
+    shifted = logits[:, :-1, :].float()
+    return torch.nn.functional.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1),
+                                             ignore_index=_data.IGNORE_INDEX, reduction="sum")
 
 
 # ---------------------------------------------------------------------- the loop
@@ -294,6 +342,10 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> Fine
         state = json.loads((ckpt / "trainer_state.json").read_text())
         if state.get("world_size", 1) != world:
             raise ValueError(f"{ckpt} was written by {state.get('world_size')} processes, resuming with {world}")
+        _check_resumable(ckpt, state.get("config", {}), config)
+        if int(state["step"]) >= total_steps:
+            raise ValueError(f"{ckpt} is at step {state['step']}, not before the last step {total_steps}: "
+                             "nothing left to train (raise --max-steps or --epochs)")
         load_adapter(model, ckpt)
         saved = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False)
         optimizer.load_state_dict(saved["optimizer"])
@@ -326,44 +378,75 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> Fine
 
         bar_ctx = click.progressbar(length=total_steps - start, label="finetune", show_pos=True,
                                     item_show_func=lambda s: s, file=None)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     t0 = time.perf_counter()
     tokens_total = 0
+    bad_in_a_row = 0
     with bar_ctx as bar:
         for step in range(start, total_steps):
-            step_loss = torch.zeros((), dtype=torch.float64)
-            step_tokens = torch.zeros((), dtype=torch.float64)
-            for micro in range(config.grad_accum):
-                batch = {k: v.to(device) for k, v in next(stream).items()}
+            micro_batches = [{k: v.to(device) for k, v in next(stream).items()} for _ in range(config.grad_accum)]
+            # The loss is the mean over every label token of the optimizer step (all
+            # micro-batches, all ranks), as with one big batch: each micro-batch adds its
+            # summed token losses / the step's token count. DDP averages gradients over
+            # ranks, hence the factor world.
+            counts = torch.stack([_label_tokens(b["labels"]) for b in micro_batches]).sum()
+            counts = torch.stack([counts, sum(b["attention_mask"].sum() for b in micro_batches)]).to(torch.float64)
+            if world > 1:
+                dist.all_reduce(counts)
+            label_tokens = counts[0].clamp(min=1)
+            step_loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            for micro, batch in enumerate(micro_batches):
                 sync = micro == config.grad_accum - 1 or world == 1
                 ctx = contextlib.nullcontext() if sync else train_model.no_sync()
                 meter = _memory.SavedTensorMeter(model) if step == start and micro == 0 else None
                 with ctx:
                     with meter or contextlib.nullcontext():
-                        out = train_model(**batch)
-                    loss = out.loss / config.grad_accum
-                    loss.backward()
+                        logits = train_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                        loss_sum = token_loss_sum(logits, batch["labels"])
+                    loss = loss_sum * (world / label_tokens).to(loss_sum.dtype)
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                del logits
                 if meter is not None:
                     result.memory.activation_bytes = meter.bytes
-                step_loss += loss.detach().double().cpu()
-                step_tokens += float(batch["attention_mask"].sum())
+                step_loss_sum += loss_sum.detach().double()
             if world > 1:
-                both = torch.stack([step_loss, step_tokens]).to(torch.float64)
-                both = both.to(device) if device.type == "cuda" else both
-                dist.all_reduce(both)
-                step_loss, step_tokens = both[0].cpu() / world, both[1].cpu()
-            if config.max_grad_norm and config.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
+                dist.all_reduce(step_loss_sum)
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            # Clipping also yields the total gradient norm (identical on every rank after the
+            # all-reduce), whose finiteness decides the step for all ranks alike.
+            total_norm = torch.nn.utils.clip_grad_norm_(
+                params, config.max_grad_norm if config.max_grad_norm and config.max_grad_norm > 0 else math.inf)
+            lr_now = scheduler.get_last_lr()[0]
+            if scaler is not None:
+                scaler.step(optimizer)  # skips the step itself on inf / NaN, and lowers the scale
+                scaler.update()
+                scheduler.step()
+            elif bool(torch.isfinite(total_norm)):
+                optimizer.step()
+                scheduler.step()
+                bad_in_a_row = 0
+            else:
+                # Skipped: the model, the optimizer and the schedule stay where they were.
+                bad_in_a_row += 1
+                result.skipped_steps += 1
+                say(f"step {step + 1}: non-finite gradient norm ({float(total_norm)}); step skipped")
+                if bad_in_a_row >= MAX_NON_FINITE_STEPS:
+                    optimizer.zero_grad(set_to_none=True)
+                    ckpt = Path(config.output_dir) / f"checkpoint-{step + 1:06d}"
+                    save_checkpoint(ckpt, model, optimizer, scheduler, step + 1, config, rank, world)
+                    raise NonFiniteGradientError(
+                        f"gradients were non-finite for {bad_in_a_row} steps in a row (up to step {step + 1}); "
+                        f"the adapter as of the last good step is saved in {ckpt}. Lower --lr or use bf16 / fp32.")
             optimizer.zero_grad(set_to_none=True)
-            loss_value = float(step_loss)
+            loss_value = float(step_loss_sum / label_tokens)  # one host sync per step
             result.losses.append(loss_value)
-            tokens_total += int(step_tokens)
+            tokens_total += int(counts[1])
             elapsed = time.perf_counter() - t0
             if bar is not None:
                 bar.update(1, f"loss {loss_value:.4f}  {tokens_total / max(elapsed, 1e-9):,.0f} tok/s")
             if config.log_every and (step == start or (step + 1) % config.log_every == 0 or step + 1 == total_steps) and not config.progress:
-                say(f"step {step + 1}/{total_steps}  loss {loss_value:.4f}  lr {scheduler.get_last_lr()[0]:.2e}  "
+                say(f"step {step + 1}/{total_steps}  loss {loss_value:.4f}  lr {lr_now:.2e}  "
                     f"{tokens_total / max(elapsed, 1e-9):,.0f} tok/s")
             if config.save_steps and (step + 1) % config.save_steps == 0 and step + 1 < total_steps:
                 save_checkpoint(Path(config.output_dir) / f"checkpoint-{step + 1:06d}", model, optimizer, scheduler,
@@ -386,12 +469,18 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> Fine
     act = result.memory.activation_bytes
     result.memory = _memory.measure(model, optimizer)
     result.memory.activation_bytes = act
-    if device.type == "cuda":
-        result.memory.peak_bytes = int(torch.cuda.max_memory_allocated(device))
     mem = result.memory
+    if device.type == "cuda":
+        mem.peak_bytes = int(torch.cuda.max_memory_allocated(device))
+        from ..optim import paged
+
+        if paged.managed_bytes():
+            mem.notes.append(f"peak allocated counts torch's allocations only; the paged optimizer holds "
+                             f"{paged.managed_bytes() / 1e6:.1f} MB more in CUDA managed memory")
     if config.quant in ("nf4", "fp4"):
         est = _memory.paper_estimate(mem.base_quantized_params, mem.adapter_params,
-                                     8 if config.optim.endswith("8bit") else 32, blocksize=config.blocksize)
+                                     8 if config.optim.endswith("8bit") else 32, blocksize=config.blocksize,
+                                     double_quant=config.double_quant)
         bits = _memory.weight_bits_per_param(config.blocksize, config.double_quant)
         mem.notes.append(f"paper arithmetic: {mem.base_quantized_params:,} x {bits:.3f} bits = "
                          f"{est['weights'] / 1e6:.3f} MB of quantized weights (+ ~1 KB of code tables per layer); "
