@@ -11,7 +11,9 @@ loss, paged AdamW 32-bit (nybble.optim.PagedAdamW vs bitsandbytes' PagedAdamW; o
 nybble's AdamW vs torch.optim.AdamW), max grad norm 0.3. The random model (LlamaConfig,
 seed 0) is written once as a bf16/fp32 safetensors folder and each side quantizes it at load.
 Figures: median step time after warm-up, tokens/s = batch * seq / step, peak memory
-(torch.cuda.max_memory_allocated on the GPU, the child's peak RSS on the CPU).
+(torch.cuda.max_memory_allocated on the GPU, the child's peak RSS during the steps on the CPU).
+The paged optimizers' states live in CUDA managed memory on both sides, outside
+max_memory_allocated.
 """
 
 from __future__ import annotations
@@ -51,10 +53,29 @@ def build(size: str, path: Path, dtype_name: str) -> None:
     model.save_pretrained(str(path), safe_serialization=True)
 
 
-def child(side: str, path: str, device: str, steps: int, warmup: int, batch: int, seq: int, r: int,
-          threads: int) -> dict:
+def _reset_peak_rss() -> None:
+    """Resets the process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_rss() -> int:
+    """Bytes: VmHWM since the last reset (the lifetime maximum where resets are unsupported)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def child(side: str, path: str, device: str, steps: int, warmup: int, batch: int, seq: int, r: int,
+          threads: int) -> dict:
     import torch
     import transformers
 
@@ -79,8 +100,12 @@ def child(side: str, path: str, device: str, steps: int, warmup: int, batch: int
                                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
         model = transformers.AutoModelForCausalLM.from_pretrained(
             path, quantization_config=qc, dtype=dtype, device_map={"": dev.index or 0} if dev.type == "cuda" else "cpu")
-        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                                     gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Not peft.prepare_model_for_kbit_training: it casts every non-4-bit weight (embeddings,
+        # norms, head) to float32, which would run the baseline's residual stream, attention
+        # and head in float32 against nybble's bf16. What it does besides, by hand:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=16, lora_dropout=0.0,
                                                            target_modules="all-linear", task_type="CAUSAL_LM"))
         params = [p for p in model.parameters() if p.requires_grad]
@@ -98,6 +123,8 @@ def child(side: str, path: str, device: str, steps: int, warmup: int, batch: int
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(dev)
+    else:
+        _reset_peak_rss()  # the steps' peak, not the dense model's load
     times, losses = [], []
     for i in range(warmup + steps):
         ids = batches[i % len(batches)].to(dev)
@@ -116,8 +143,7 @@ def child(side: str, path: str, device: str, steps: int, warmup: int, batch: int
             times.append(time.perf_counter() - t0)
     times.sort()
     step = times[len(times) // 2]
-    peak = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else _peak_rss()
     return {"side": side, "step_s": step, "tokens_per_s": batch * seq / step, "peak_mb": peak / 2**20,
             "trainable": sum(p.numel() for p in params), "loss_first": losses[0], "loss_last": losses[-1],
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x{threads} threads"}
