@@ -321,3 +321,15 @@ class _NoEos:
 
     def __call__(self, *a, **k):
         return self._tok(*a, **k)
+
+
+def test_fp16_training_runs_with_loss_scaling(tiny_model, train_data, tmp_path):
+    # fp16 without a GradScaler underflows adapter gradients; with it, the first steps may be
+    # skipped (scale too high) and the rest train.
+    res = finetune(_cfg(tiny_model, train_data, tmp_path / "fp16", dtype="fp16", max_steps=4), log=lambda s: None)
+    assert len(res.losses) == 4 and all(math.isfinite(v) for v in res.losses)
+    assert res.skipped_steps < 4
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "fp16" / "adapter_model.safetensors"))
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in a.items())

@@ -419,9 +419,13 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> Fine
                 params, config.max_grad_norm if config.max_grad_norm and config.max_grad_norm > 0 else math.inf)
             lr_now = scheduler.get_last_lr()[0]
             if scaler is not None:
+                scale = scaler.get_scale()
                 scaler.step(optimizer)  # skips the step itself on inf / NaN, and lowers the scale
                 scaler.update()
-                scheduler.step()
+                if scaler.get_scale() < scale:  # skipped (an fp16 overflow): the schedule waits too
+                    result.skipped_steps += 1
+                else:
+                    scheduler.step()
             elif bool(torch.isfinite(total_norm)):
                 optimizer.step()
                 scheduler.step()
