@@ -55,14 +55,16 @@ NYBBLE_FOR_EACH_FLOAT(NYBBLE_DEQUANT_4BIT, fp4, kQuantFP4)
 
 // Double quantization: absmax[i] = code[q[i]] * nested_absmax[i / nested_blocksize] + offset,
 // as two separately rounded float32 operations (no FMA contraction), like the CPU core.
+// The offset is read from device memory: the modules keep it in a GPU buffer, and passing it
+// by value would cost a device-to-host sync per layer per forward.
 extern "C" __global__ void __launch_bounds__(256)
     nybble_decode_absmax(const u8* __restrict__ codes, const float* __restrict__ nested_absmax,
-                         const float* __restrict__ nested_code, float offset,
+                         const float* __restrict__ nested_code, const float* __restrict__ offset,
                          float* __restrict__ out, long long n, int nested_blocksize) {
     __shared__ float code[256];
     for (int i = threadIdx.x; i < 256; i += blockDim.x) code[i] = nested_code[i];
     __syncthreads();
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    out[i] = __fadd_rn(__fmul_rn(code[codes[i]], nested_absmax[i / nested_blocksize]), offset);
+    out[i] = __fadd_rn(__fmul_rn(code[codes[i]], nested_absmax[i / nested_blocksize]), *offset);
 }

@@ -311,9 +311,10 @@ def test_decode_absmax_bit_identical_to_core(k, emulator, gen, nested_blocksize)
         absmax = torch.rand(nblocks, generator=gen) * 3
         codes, nested = nybble.quant.double_quantize(absmax.numpy(), nested_blocksize)
         args = [torch.from_numpy(a) for a in (codes, nested.nested_absmax, nested.code)]
+        offset = torch.tensor([nested.offset], dtype=torch.float32)
         out = run_twice(
             emulator,
-            lambda o: k.launch_decode_absmax(*args, nested.offset, o, nested_blocksize),
+            lambda o: k.launch_decode_absmax(*args, offset, o, nested_blocksize),
             ((nblocks,), torch.float32),
         )
         assert_bits_equal(out, torch.from_numpy(nybble.quant.double_dequantize(codes, nested)), f"{nblocks} blocks")

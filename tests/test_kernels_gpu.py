@@ -104,7 +104,8 @@ def test_decode_absmax_kernel_bit_identical(k, gen):
         absmax = torch.rand(nblocks, generator=gen, device=DEV) * 3
         codes, nested = nybble.double_quantize(absmax.cpu().numpy())
         args = [torch.from_numpy(a).to(DEV) for a in (codes, nested.nested_absmax, nested.code)]
-        out = twice(lambda o: k.launch_decode_absmax(*args, nested.offset, o, 256), lambda: poisoned((nblocks,), torch.float32))
+        offset = torch.tensor([nested.offset], dtype=torch.float32, device=DEV)
+        out = twice(lambda o: k.launch_decode_absmax(*args, offset, o, 256), lambda: poisoned((nblocks,), torch.float32))
         assert torch.equal(out.cpu(), torch.from_numpy(nybble.double_dequantize(codes, nested)))
 
 

@@ -3,7 +3,8 @@
 * CUDA tensors, CuPy importable: the NVRTC-compiled kernels in ``cuda/`` (see ``_cupy``),
   launched on torch's current stream; outputs are allocated by torch.
 * CUDA tensors without CuPy (or ``NYBBLE_KERNELS=torch``): the torch reference on the GPU.
-* CPU tensors: the Rust core for (de)quantization, the torch reference for the rest.
+* CPU tensors: the Rust core for (de)quantization (decoding as torch custom ops, see
+  ``_cpu``), torch for the rest.
 
 ``reference`` holds the pure-torch semantics every path is tested against.
 """
@@ -16,7 +17,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from . import reference
+from . import _cpu, reference
 from .reference import check_blocksize, check_quant_type
 
 __all__ = [
@@ -24,7 +25,9 @@ __all__ = [
     "cuda_available",
     "decode_absmax",
     "dequantize_4bit",
+    "double_quantize",
     "int8_linear",
+    "int8_matmul",
     "int8_matmul_dequant",
     "int8_vectorwise_quant",
     "lora_linear_4bit",
@@ -64,16 +67,26 @@ def _contiguous_aligned(t: torch.Tensor, align: int) -> torch.Tensor:
     return t if t.data_ptr() % align == 0 else t.clone()
 
 
+def _offset_tensor(offset: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    if isinstance(offset, torch.Tensor):
+        return offset.detach().to(device, torch.float32).reshape(1).contiguous()
+    return torch.tensor([float(offset)], dtype=torch.float32, device=device)
+
+
 def decode_absmax(
     codes: torch.Tensor,
     nested_absmax: torch.Tensor,
     nested_code: torch.Tensor,
-    offset: float,
+    offset: float | torch.Tensor,
     nested_blocksize: int = 256,
 ) -> torch.Tensor:
     """Float32 absmax from double-quantized uint8 codes:
-    ``nested_code[q] * nested_absmax[i // nested_blocksize] + offset``."""
+    ``nested_code[q] * nested_absmax[i // nested_blocksize] + offset``. ``offset`` may be a
+    one-element tensor on the codes' device (the modules keep it so: no host sync)."""
     k = _kernels_for(codes)
+    if k is None and not codes.is_cuda:
+        return _cpu.decode_absmax(codes, nested_absmax.to(torch.float32), nested_code.to(torch.float32),
+                                  _offset_tensor(offset, codes.device), int(nested_blocksize))
     if k is None:
         return reference.decode_absmax(codes, nested_absmax, nested_code, offset, nested_blocksize)
     codes = codes.contiguous().reshape(-1)
@@ -82,11 +95,24 @@ def decode_absmax(
         codes,
         nested_absmax.to(codes.device, torch.float32).contiguous(),
         nested_code.to(codes.device, torch.float32).contiguous(),
-        float(offset),
+        _offset_tensor(offset, codes.device),
         out,
         nested_blocksize,
     )
     return out
+
+
+def double_quantize(absmax: torch.Tensor, nested_blocksize: int = 256) -> tuple[torch.Tensor, dict]:
+    """Double quantization of a float32 absmax (in the Rust core; results on absmax's
+    device): ``(uint8 codes, {"nested_absmax", "nested_code", "offset", "blocksize"})``."""
+    codes, nested_absmax, code, offset = _cpu.double_quantize(absmax.detach().cpu(), nested_blocksize)
+    nested = {
+        "nested_absmax": nested_absmax.to(absmax.device),
+        "nested_code": code.to(absmax.device),
+        "offset": offset,
+        "blocksize": nested_blocksize,
+    }
+    return codes.to(absmax.device), nested
 
 
 def dequantize_4bit(
@@ -100,41 +126,41 @@ def dequantize_4bit(
     """Decodes a packed NF4 / FP4 tensor (absmax already float32) to ``dtype``, shaped ``shape``."""
     check_blocksize(blocksize)
     check_quant_type(quant_type)
-    shape = tuple(int(s) for s in shape)
+    shape = tuple([int(s) for s in shape])  # a list, not a generator: torch.compile traces it
     n = reference.numel(shape)
     if packed.numel() != (n + 1) // 2 or absmax.numel() != -(-n // blocksize):
         raise ValueError(
             f"packed ({packed.numel()} bytes) / absmax ({absmax.numel()}) do not match shape {shape} "
             f"with blocksize {blocksize}"
         )
+    native = dtype in (torch.float32, torch.float16, torch.bfloat16)
     k = _kernels_for(packed)
-    if k is not None and dtype in (torch.float32, torch.float16, torch.bfloat16):
+    if k is not None and native:
         out = torch.empty(shape, dtype=dtype, device=packed.device)
         k.launch_dequantize_4bit(
             _contiguous_aligned(packed, 16), absmax.to(packed.device, torch.float32).contiguous(), out, blocksize,
             quant_type,
         )
         return out
-    if packed.is_cuda or dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return reference.dequantize_4bit(packed, absmax, shape, blocksize, quant_type, dtype)
-    from ..quant import QuantState4bit
-    from ..quant import dequantize_4bit as core_dequantize
-
-    state = QuantState4bit(
-        shape=shape, dtype=str(dtype).replace("torch.", ""), blocksize=blocksize, quant_type=quant_type,
-        absmax=absmax.detach().cpu().to(torch.float32).numpy(),
-    )
-    return core_dequantize(packed.detach(), state, dtype)
+    if not packed.is_cuda and native:
+        cols = shape[-1] if shape else 1
+        rows = n // cols if cols else 0
+        out = _cpu.dequantize_4bit(packed, absmax.to(torch.float32), rows, cols, blocksize, quant_type, dtype)
+        return out.reshape(shape)
+    # Other dtypes (float64: the exact products) and CUDA without CuPy: the torch reference.
+    return reference.dequantize_4bit(packed, absmax, shape, blocksize, quant_type, dtype)
 
 
 def quantize_4bit(w: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4") -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-wise NF4 / FP4 of ``w`` (float32 / float16 / bfloat16) on its device:
+    """Block-wise NF4 / FP4 of ``w`` on its device (other float dtypes go through float32):
     ``(packed uint8 ((n+1)//2, 1), absmax float32 (nblocks,))``, bit-identical to
     ``nybble.quantize_4bit``. Raises ``NonFiniteError`` on NaN / Inf."""
     check_blocksize(blocksize)
     check_quant_type(quant_type)
     from .._core import NonFiniteError
 
+    if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        w = w.float()
     k = _kernels_for(w)
     if k is None and w.is_cuda:
         try:
@@ -145,7 +171,7 @@ def quantize_4bit(w: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4")
         from ..quant import quantize_4bit as core_quantize
 
         packed, state = core_quantize(w.detach(), blocksize, quant_type)
-        return packed, torch.from_numpy(state.absmax)
+        return packed.reshape(-1, 1), torch.from_numpy(state.absmax)
     x = w.detach().contiguous()
     n = x.numel()
     packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=x.device)
@@ -290,7 +316,10 @@ def int8_vectorwise_quant(x: torch.Tensor, threshold: float = 6.0) -> tuple[torc
     if not x.is_cuda:
         from .. import int8 as core_int8
 
-        q, row_absmax, cols = core_int8.vectorwise_quant(x.detach(), threshold)
+        x = x.detach()
+        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            x = x.float()  # e.g. float64 in gradcheck: the codes come from its float32 values
+        q, row_absmax, cols = core_int8.vectorwise_quant(x, threshold)
         return q, row_absmax, cols.to(torch.int64)
     k = _kernels_for(x)
     if k is None:
@@ -326,6 +355,15 @@ def _int_mm_padded(q_a: torch.Tensor, q_b: torch.Tensor) -> torch.Tensor:
     round8 = lambda v: -(-v // 8) * 8  # noqa: E731
     mp, kp, np_ = (32 if m <= 16 else m), round8(kdim), round8(n)
     return torch._int_mm(_pad_to(q_a, mp, kp), _pad_to(q_b, np_, kp).t())
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """int8 (M, K) @ int8 (N, K)^T -> int32 (M, N), exact."""
+    if a.is_cuda:
+        # torch._int_mm wants rows > 16 and dims in multiples of 8: zero padding is exact.
+        return _int_mm_padded(a, b)[: a.shape[0], : b.shape[0]]
+    # float64 holds every int32 accumulation exactly (|acc| < 2^53).
+    return (a.double() @ b.double().t()).to(torch.int32)
 
 
 def int8_matmul_dequant(

@@ -121,19 +121,23 @@ def launch_dequantize_4bit(packed, absmax, out, blocksize: int, quant_type: str)
     )
 
 
-def launch_decode_absmax(codes, nested_absmax, nested_code, offset: float, out, nested_blocksize: int) -> None:
+def launch_decode_absmax(codes, nested_absmax, nested_code, offset, out, nested_blocksize: int) -> None:
+    """``offset``: a one-element float32 tensor on the device (read there, no host sync)."""
     _check(codes, "codes", torch.uint8)
     _check(nested_absmax, "nested_absmax", torch.float32)
     _check(nested_code, "nested_code", torch.float32)
+    _check(offset, "offset", torch.float32)
     _check(out, "out", torch.float32)
     if nested_code.numel() != 256:
         raise ValueError("nested_code must have 256 entries")
+    if offset.numel() != 1:
+        raise ValueError(f"offset must have one element, got {offset.numel()}")
     n = out.numel()
     if n == 0:
         return
     _launch(
         "dequant_4bit.cu", "nybble_decode_absmax", out.device.index, (_blocks(n, _THREADS),), (_THREADS,),
-        (_ptr(codes), _ptr(nested_absmax), _ptr(nested_code), np.float32(offset), _ptr(out), np.int64(n),
+        (_ptr(codes), _ptr(nested_absmax), _ptr(nested_code), _ptr(offset), _ptr(out), np.int64(n),
          np.int32(nested_blocksize)),
     )
 

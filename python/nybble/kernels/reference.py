@@ -56,14 +56,14 @@ def zero_code(quant_type: str) -> int:
 
 
 def numel(shape) -> int:
-    return math.prod(int(s) for s in shape)
+    return math.prod([int(s) for s in shape])  # a list, not a generator: torch.compile traces it
 
 
 def decode_absmax(
     codes: torch.Tensor,
     nested_absmax: torch.Tensor,
     nested_code: torch.Tensor,
-    offset: float,
+    offset: float | torch.Tensor,
     nested_blocksize: int = 256,
 ) -> torch.Tensor:
     """Double-quant decode: ``code[q] * nested_absmax[i // nested_blocksize] + offset``,
@@ -71,7 +71,7 @@ def decode_absmax(
     idx = torch.arange(codes.numel(), device=codes.device) // nested_blocksize
     code = nested_code.to(device=codes.device, dtype=torch.float32).reshape(-1)
     scaled = code[codes.reshape(-1).long()] * nested_absmax.to(codes.device, torch.float32).reshape(-1)[idx]
-    return scaled + torch.tensor(offset, dtype=torch.float32, device=codes.device)
+    return scaled + torch.as_tensor(offset, dtype=torch.float32, device=codes.device).reshape(())
 
 
 def unpack_codes(packed: torch.Tensor, n: int) -> torch.Tensor:

@@ -9,8 +9,8 @@ import math
 import torch
 from torch import nn
 
+from .. import kernels
 from ..codebooks import code_4bit
-from . import _dispatch
 
 _QUANT_STATE_KEY = "weight.quant_state.bitsandbytes__{}"
 
@@ -29,8 +29,6 @@ class _Dequant4bitLinear(torch.autograd.Function):
         ctx.module = module
         if x.is_cuda:
             # Small M takes the fused kernel that reads the packed weight once.
-            from .. import kernels
-
             shape = (module.out_features, module.in_features)
             return kernels.matmul_4bit(x, module.weight, module.float_absmax(), shape, module.blocksize,
                                        module.quant_type, bias)
@@ -122,10 +120,10 @@ class Linear4bit(nn.Module):
         """Quantizes a dense (out, in) weight into this module."""
         if tuple(w.shape) != (self.out_features, self.in_features):
             raise ValueError(f"weight shape {tuple(w.shape)} != ({self.out_features}, {self.in_features})")
-        packed, absmax = _dispatch.quantize_4bit(w, self.blocksize, self.quant_type)
+        packed, absmax = kernels.quantize_4bit(w, self.blocksize, self.quant_type)
         self.weight = packed.to(self.weight.device)
         if self.double_quant:
-            codes, nested = _dispatch.double_quantize(absmax)
+            codes, nested = kernels.double_quantize(absmax)
             self.absmax_codes = codes.to(self.weight.device)
             self.nested_absmax_bits = _f32_bits(nested["nested_absmax"]).to(self.weight.device)
             self.nested_code_bits = _f32_bits(nested["nested_code"]).to(self.weight.device)
@@ -138,19 +136,16 @@ class Linear4bit(nn.Module):
     def float_absmax(self) -> torch.Tensor:
         if not self.double_quant:
             return self.absmax_bits.view(torch.float32)
-        nested = {
-            "nested_absmax": self.nested_absmax_bits.view(torch.float32),
-            "nested_code": self.nested_code_bits.view(torch.float32),
-            "offset": self.offset_bits.view(torch.float32),
-            "blocksize": 256,
-        }
-        return _dispatch.decode_absmax(self.absmax_codes, nested)
+        # The offset stays a tensor on the module's device: no host sync per forward.
+        return kernels.decode_absmax(self.absmax_codes, self.nested_absmax_bits.view(torch.float32),
+                                     self.nested_code_bits.view(torch.float32), self.offset_bits.view(torch.float32),
+                                     256)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense (out, in) weight in ``dtype`` (default: the compute dtype)."""
         dtype = dtype or self.compute_dtype or self.weight_dtype
         decode_dtype = dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
-        w = _dispatch.dequantize_4bit(
+        w = kernels.dequantize_4bit(
             self.weight, self.float_absmax(), (self.out_features, self.in_features),
             self.blocksize, self.quant_type, decode_dtype,
         )

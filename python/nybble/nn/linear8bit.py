@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import _dispatch
+from .. import kernels
 
 
 class _Int8Linear(torch.autograd.Function):
@@ -16,8 +16,8 @@ class _Int8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, module, bias):
         w_q, scb = module.weight, module.SCB
-        q, row_absmax, outlier_cols = _dispatch.int8_vectorwise_quant(x2d, module.threshold)
-        acc = _dispatch.int8_matmul(q, w_q)
+        q, row_absmax, outlier_cols = kernels.int8_vectorwise_quant(x2d, module.threshold)
+        acc = kernels.int8_matmul(q, w_q)
         # acc * (row scale of X) * (row scale of W) / 127^2, in float32.
         out = acc.float() * (row_absmax.float()[:, None] * scb[None, :] / (127.0 * 127.0))
         if outlier_cols.numel():
@@ -65,7 +65,7 @@ class Linear8bitLt(nn.Module):
 
     @torch.no_grad()
     def set_weight(self, w: torch.Tensor) -> None:
-        q, scb, _ = _dispatch.int8_vectorwise_quant(w.detach(), 0.0)
+        q, scb, _ = kernels.int8_vectorwise_quant(w.detach(), 0.0)
         self.weight = q.to(self.weight.device)
         self.scb_bits = scb.float().contiguous().view(torch.int32).to(self.weight.device)
 
