@@ -4,6 +4,7 @@ bitsandbytes, same random model and batches, each side in its own process.
     python benches/bench_finetune.py --size 8b                 # GPU (default --device cuda)
     python benches/bench_finetune.py --size 1b --batch 4 --seq 1024
     python benches/bench_finetune.py --device cpu --tiny        # a few minutes on a laptop CPU
+    python benches/bench_finetune.py --device cpu --size small  # CPU, quantized layers dominate
 
 Both sides: NF4 + double quant (bf16 compute on the GPU, fp32 on the CPU), LoRA r=64
 alpha=16 on every linear layer but the head, non-reentrant gradient checkpointing, causal-LM
@@ -36,6 +37,9 @@ SIZES = {
                num_key_value_heads=8, vocab_size=128256),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256),
+    # CPU-sized: the quantized linear layers (50M params) dominate the step, not the head.
+    "small": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
+                  num_key_value_heads=4, vocab_size=8192),
     "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
                  num_key_value_heads=4, vocab_size=32000),
 }

@@ -3,11 +3,11 @@ when the GPU runs short and that is prefetched back before each optimizer step, 
 QLoRA paper's paged optimizers.
 
 Buffers come from ``cupy.cuda.malloc_managed`` and are handed to torch without a copy
-(DLPack), so the optimizer kernels see ordinary CUDA tensors. All states of one parameter
-share one allocation. No more managed memory is ever requested than ``cudaMemGetInfo``
-reports free on the card: a parameter whose states do not fit keeps them on the host, and the
-optimizer updates it on the CPU (the Rust core) and copies it back. Without managed memory
-(no CuPy) the states are ordinary GPU tensors.
+(``__cuda_array_interface__``), so the optimizer kernels see ordinary CUDA tensors. All
+states of one parameter share one allocation. No more managed memory is ever requested than
+``cudaMemGetInfo`` reports free on the card: a parameter whose states do not fit keeps them
+on the host, and the optimizer updates it on the CPU (the Rust core) and copies it back.
+Without managed memory (no CuPy) the states are ordinary GPU tensors.
 """
 
 from __future__ import annotations
@@ -90,7 +90,12 @@ def paged_zeros_group(specs, device: torch.device) -> list[torch.Tensor] | None:
             arr.fill(0)
             cupy.cuda.get_current_stream().synchronize()
         _allocated += total
-    raw = torch.from_dlpack(arr)
+    try:
+        # __cuda_array_interface__: torch wraps the pointer whatever its memory type (a managed
+        # buffer's DLPack device type, kDLCUDAManaged, is not accepted by every torch build).
+        raw = torch.as_tensor(arr, device=device)
+    except (TypeError, RuntimeError, ValueError):
+        raw = torch.from_dlpack(arr)
     _on_release(mem.mem, total)
     out = []
     for (shape, dtype), off in zip(specs, offsets):
