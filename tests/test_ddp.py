@@ -43,14 +43,22 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.slow
-def test_ddp_two_processes_gloo(tmp_path):
+def _gloo_port() -> int:
+    """Skips without gloo or the offline tokenizer; a free port for torchrun's rendezvous."""
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     try:
         example.tokenizer_dir()
     except RuntimeError as e:
         pytest.skip(str(e))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_gloo(tmp_path):
+    port = _gloo_port()
     model_dir = example.build_model_dir(tmp_path / "llama", hidden=64, layers=2)
     data = example.make_dataset(tmp_path / "train.jsonl", n=256)
     out = tmp_path / "out"
@@ -58,9 +66,6 @@ def test_ddp_two_processes_gloo(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(port),
            str(script), str(model_dir), str(data), str(out)]
@@ -89,16 +94,8 @@ def test_ddp_two_processes_gloo(tmp_path):
 @pytest.mark.slow
 def test_ddp_example_on_a_cold_cache(tmp_path):
     # Rank 0 builds the example model and data; rank 1 must wait for them, never race it.
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    try:
-        example.tokenizer_dir()
-    except RuntimeError as e:
-        pytest.skip(str(e))
+    port = _gloo_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "NYBBLE_CACHE": str(tmp_path / "cache")}
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(port), "-m", "nybble.cli", "finetune", "--example", "-o", str(tmp_path / "out"),
            "--max-steps", "2", "--no-progress", "--device", "cpu"]
