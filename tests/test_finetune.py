@@ -221,6 +221,20 @@ def test_accumulated_loss_is_the_mean_over_tokens(tiny_model, tmp_path, monkeypa
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), float((a - b).abs().max())
 
 
+def test_token_loss_sum_agrees_with_the_models_own_loss(tiny_model, tokenizer):
+    # One micro-batch: summed token loss / label tokens is exactly HF's causal-LM mean loss.
+    from nybble.train.trainer import _label_tokens, load_model, token_loss_sum
+
+    recs = [{"prompt": "3 plus 4 is", "response": "7"}, {"text": "a longer text with more tokens to score"}]
+    batch = D.collate(D.tokenize(recs, tokenizer, 32), D.pad_id(tokenizer))
+    model = load_model(tiny_model, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        out = model(**batch)
+        mine = token_loss_sum(out.logits, batch["labels"]) / _label_tokens(batch["labels"])
+    assert float(mine) == pytest.approx(float(out.loss), rel=1e-5)
+    assert int(_label_tokens(batch["labels"])) == int((batch["labels"][:, 1:] != D.IGNORE_INDEX).sum()) > 0
+
+
 def test_non_finite_gradients_skip_steps_then_stop_with_a_checkpoint(tiny_model, train_data, tmp_path, monkeypatch):
     from nybble.train import trainer
 
