@@ -148,6 +148,26 @@ def test_lora_forward_and_gradients(rng, base_kind, rslora):
         assert torch.autograd.gradcheck(lambda t: lora(t), (xg,))
 
 
+def test_lora_with_bf16_activations_keeps_float32_master_weights(rng):
+    lin = make_linear(rng, 64, 32)
+    lora = LoraLinear(Linear4bit.from_linear(lin, compute_dtype=torch.bfloat16), r=8, alpha=16)
+    with torch.no_grad():
+        lora.lora_B.weight.normal_(std=0.1)
+    x = torch.from_numpy(rng.standard_normal((6, 64)).astype(np.float32))
+    out = lora(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    out.float().pow(2).sum().backward()
+    a, b = lora.lora_A.weight, lora.lora_B.weight
+    assert a.dtype == b.dtype == torch.float32 and a.grad.dtype == b.grad.dtype == torch.float32
+    # The adapter's contribution and its gradients agree with float64 to bf16 precision.
+    base = lora.base_layer(x.to(torch.bfloat16)).double()
+    ref = lora.scaling * (x.double() @ a.double().t() @ b.double().t())
+    assert torch.allclose(out.double() - base, ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
+    g = 2 * out.double()
+    gb_ref = lora.scaling * g.t() @ (x.double() @ a.double().t())
+    assert torch.allclose(b.grad.double(), gb_ref, rtol=0.05, atol=0.05 * gb_ref.abs().max().item())
+
+
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_torch_compile_matches_eager(rng, double_quant):
     lin = make_linear(rng, 32, 16)

@@ -2,7 +2,8 @@
 
 ``y = base(x) + s * B(A(dropout(x)))`` with ``s = alpha / r`` (rsLoRA: ``alpha / sqrt(r)``).
 A starts random (Kaiming-uniform as PEFT does, or Gaussian), B at zero, so a fresh adapter
-leaves the model unchanged. Only A and B train; the base layer is frozen.
+leaves the model unchanged. Only A and B train (float32 parameters; with 16-bit activations
+the adapter matmuls run in that dtype, as under torch.autocast); the base layer is frozen.
 """
 
 from __future__ import annotations
@@ -62,9 +63,12 @@ class LoraLinear(nn.Module):
         out = self.base_layer(x)
         if self.disabled:
             return out
-        a = self.lora_A.weight
-        h = self.lora_dropout(x).to(a.dtype)
-        delta = self.lora_B(self.lora_A(h)) * self.scaling
+        a, b = self.lora_A.weight, self.lora_B.weight
+        # Mixed precision as torch.autocast does it: float32 master weights, matmuls in the
+        # activations' 16-bit dtype (bf16 compute on the GPU); float32 inputs stay float32.
+        dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else a.dtype
+        h = self.lora_dropout(x).to(dtype)
+        delta = nn.functional.linear(nn.functional.linear(h, a.to(dtype)), b.to(dtype)) * self.scaling
         return out + delta.to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
