@@ -37,13 +37,23 @@ SIZES = {
                num_key_value_heads=8, vocab_size=128256),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256),
-    # CPU-sized: the quantized linear layers (50M params) dominate the step, not the head.
+    # CPU-sized: the quantized linear layers (45M params) dominate the step, not the head.
     "small": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
                   num_key_value_heads=4, vocab_size=8192),
     "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
                  num_key_value_heads=4, vocab_size=32000),
 }
 
+
+def cpu_bf16_features() -> str:
+    """The CPU's bfloat16 instructions: bitsandbytes' CPU path computes in bf16, so its speed
+    (the peer's) depends on them."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "CPU flags unknown"
+    found = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    return "bf16 instructions: " + (", ".join(found) if found else "none")
 
 def build(size: str, path: Path, dtype_name: str) -> None:
     import torch
@@ -199,7 +209,8 @@ def main() -> None:
     if tmp is not None:
         tmp.cleanup()
     print(f"# QLoRA fine-tuning step, Llama-shaped {args.size} (random init), batch {batch} x {seq} tokens, "
-          f"NF4+DQ, LoRA r={args.r} all-linear, grad checkpointing, {rows[0]['device'] if rows else args.device}")
+          f"NF4+DQ, LoRA r={args.r} all-linear, grad checkpointing, {rows[0]['device'] if rows else args.device}"
+          + (f", {cpu_bf16_features()}" if cpu else ""))
     print("| stack | step (s) | tokens/s | peak memory (MiB) | trainable params | loss first -> last | vs peft+bnb |")
     print("|---|---:|---:|---:|---:|---|---:|")
     base = next((r for r in rows if r["side"] == "peft+bnb"), None)

@@ -20,6 +20,16 @@ import time
 SIDES = ("nybble", "peft+bnb")
 
 
+def cpu_bf16_features() -> str:
+    """The CPU's bfloat16 instructions: bitsandbytes' CPU path computes in bf16, so its speed
+    (the peer's) depends on them."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "CPU flags unknown"
+    found = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    return "bf16 instructions: " + (", ".join(found) if found else "none")
+
 def child(side: str, steps: int, batch: int, seq: int, threads: int) -> dict:
     import resource
     from pathlib import Path
@@ -95,7 +105,7 @@ def main() -> None:
         rows.append(json.loads(out.strip().splitlines()[-1]))
     base = rows[1]
     print(f"# QLoRA step on CPU: MiniLM-L6, batch {args.batch} x {args.seq} tokens, NF4+DQ, LoRA r=16 all-linear, "
-          f"{args.threads} threads")
+          f"{args.threads} threads, {cpu_bf16_features()}")
     print("| stack | step (s) | tokens/s | peak RSS (MB) | trainable params | speed vs peft+bnb |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:

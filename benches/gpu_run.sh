@@ -10,10 +10,19 @@ stage=${1:-all}
 OUT=${OUT:-bench-out}
 mkdir -p "$OUT"
 site=/tmp/nybble-site
-if [ ! -d "$site/nybble" ]; then
-    python3 -m pip install --no-deps --quiet --target "$site" dist/nybble-*.whl .gpu/wheels/*.whl || exit 1
-fi
+# What is tested is the carried wheel (this checkout's python/ is not on the path): reinstall
+# every call so a machine still warm from an earlier call never runs a stale build.
+rm -rf "$site"
+python3 -m pip install --no-deps --quiet --target "$site" dist/nybble-*.whl || exit 1
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+missing=$(python3 -c "
+import importlib.util as u
+print(' '.join(m for m in ('torch', 'cupy', 'numpy', 'ml_dtypes', 'click', 'safetensors', 'transformers', 'peft',
+                           'pytest', 'hypothesis') if u.find_spec(m) is None))")
+if [ -n "$missing" ]; then
+    echo "the GPU machine lacks: $missing (carry wheels for them)" >&2
+    exit 1
+fi
 [ -d .gpu/bnb/bitsandbytes ] && export PYTHONPATH="$PYTHONPATH:$PWD/.gpu/bnb"
 export HF_HUB_OFFLINE=1
 status=0

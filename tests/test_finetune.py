@@ -250,7 +250,7 @@ def test_non_finite_gradients_skip_steps_then_stop_with_a_checkpoint(tiny_model,
     lines = []
     res = finetune(_cfg(tiny_model, train_data, tmp_path / "skip", max_steps=4), log=lines.append)
     assert res.skipped_steps == 1 and len(res.losses) == 4
-    assert any("step 2: non-finite gradient norm" in line for line in lines)
+    assert any("step 2: non-finite loss (nan); step skipped" in line for line in lines)
     assert all(math.isfinite(v) for i, v in enumerate(res.losses) if i != 1)
 
     monkeypatch.setattr(trainer, "token_loss_sum", lambda logits, labels: real(logits, labels) * float("nan"))
@@ -259,6 +259,9 @@ def test_non_finite_gradients_skip_steps_then_stop_with_a_checkpoint(tiny_model,
     with pytest.raises(trainer.NonFiniteGradientError, match="2 steps in a row"):
         finetune(_cfg(tiny_model, train_data, out, max_steps=4), log=lambda s: None)
     assert (out / "checkpoint-000002" / "adapter_model.safetensors").is_file()
+    # fp16: the GradScaler skips overflow steps on its own, but a NaN loss still stops the run.
+    with pytest.raises(trainer.NonFiniteGradientError, match="2 steps in a row"):
+        finetune(_cfg(tiny_model, train_data, tmp_path / "stop16", max_steps=6, dtype="fp16"), log=lambda s: None)
 
 
 def test_resume_refuses_changed_settings(tiny_model, train_data, tmp_path):
@@ -266,8 +269,16 @@ def test_resume_refuses_changed_settings(tiny_model, train_data, tmp_path):
     finetune(_cfg(tiny_model, train_data, out, max_steps=2, save_steps=2), log=lambda s: None)
     with pytest.raises(ValueError, match="batch_size: 8 in the checkpoint, 4 now"):
         finetune(_cfg(tiny_model, train_data, out, max_steps=4, batch_size=4, resume="latest"), log=lambda s: None)
+    with pytest.raises(ValueError, match="alpha: 16 in the checkpoint, 32 now"):
+        finetune(_cfg(tiny_model, train_data, out, max_steps=4, alpha=32, resume="latest"), log=lambda s: None)
     with pytest.raises(ValueError, match="nothing left to train"):
         finetune(_cfg(tiny_model, train_data, out, max_steps=2, resume="latest"), log=lambda s: None)
+    # Same layout, other hyper-parameters: accepted, and the new ones are the ones used.
+    lines = []
+    finetune(_cfg(tiny_model, train_data, out, max_steps=3, lr=1e-5, optim="adamw_32bit", resume="latest"),
+             log=lines.append)
+    assert any("resume with new hyper-parameters: lr 0.002 -> 1e-05" in line for line in lines)
+    assert any("step 3/3" in line and "lr 1.00e-05" in line for line in lines)
 
 
 def test_fewer_examples_than_processes_is_a_clear_error(tiny_model, tmp_path):

@@ -501,6 +501,16 @@ def test_dispatch_functions_on_emulated_kernels(k, gen, monkeypatch):
     padded int8 GEMM) with the emulated kernels standing in for the GPU ones."""
     monkeypatch.setattr(dispatch, "_kernels_for", lambda t: k)
 
+    # Double-quant decode as the modules call it: the offset a 0-d tensor view, read by pointer.
+    absmax_f = torch.rand(300, generator=gen) * 2
+    codes_np, nested = nybble.quant.double_quantize(absmax_f.numpy())
+    expected = torch.from_numpy(nybble.quant.double_dequantize(codes_np, nested))
+    offset_bits = torch.tensor(nested.offset, dtype=torch.float32).view(torch.int32)
+    for offset in (nested.offset, offset_bits.view(torch.float32)):
+        got = dispatch.decode_absmax(torch.from_numpy(codes_np), torch.from_numpy(nested.nested_absmax),
+                                     torch.from_numpy(nested.code), offset, nested.blocksize)
+        assert_bits_equal(got, expected, f"decode_absmax, offset {type(offset).__name__}")
+
     w = torch.randn(40, 96, generator=gen) * 0.02
     packed, absmax = dispatch.quantize_4bit(w, 64, "nf4")
     core_packed, state = nybble.quant.quantize_4bit(w, 64, "nf4")

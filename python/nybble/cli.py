@@ -239,14 +239,15 @@ def finetune(model_dir, data, output, example, quant, double_quant, rank, alpha,
         from .train import example as ex
 
         defaults.update(_EXAMPLE_DEFAULTS)
-        # Under torchrun, rank 0 writes the example model and data; the others wait for them.
-        main_process = _is_main_process()
-        try:
-            if model_dir is None:
+        # Under torchrun, each node's local rank 0 writes the example model and data (into
+        # that node's cache and output folder); the other ranks wait for them.
+        main_process = _is_local_main_process()
+        if model_dir is None:
+            try:
                 model_dir = ex.build_model_dir() if main_process else ex.default_model_dir()
-        except RuntimeError as e:
-            raise _Fail(str(e)) from None
-        _wait_for(Path(model_dir) / "model.safetensors")
+            except RuntimeError as e:
+                raise _Fail(str(e)) from None
+            _wait_for(Path(model_dir) / "model.safetensors")
         if data is None:
             data = ex.make_dataset(output / "example_train.jsonl") if main_process else output / "example_train.jsonl"
             _wait_for(data)
@@ -275,10 +276,10 @@ def finetune(model_dir, data, output, example, quant, double_quant, rank, alpha,
         raise _Fail(str(e)) from None
 
 
-def _is_main_process() -> bool:
+def _is_local_main_process() -> bool:
     import os
 
-    return int(os.environ.get("RANK", "0")) == 0
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0
 
 
 def _wait_for(path: Path, timeout: float = 120.0) -> None:

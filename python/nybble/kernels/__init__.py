@@ -80,12 +80,14 @@ def decode_absmax(
     offset: float | torch.Tensor,
     nested_blocksize: int = 256,
 ) -> torch.Tensor:
-    """Float32 absmax from double-quantized uint8 codes:
+    """Float32 absmax (1-D, one per code) from double-quantized uint8 codes:
     ``nested_code[q] * nested_absmax[i // nested_blocksize] + offset``. ``offset`` may be a
     one-element tensor on the codes' device (the modules keep it so: no host sync)."""
+    if codes.dtype != torch.uint8:
+        raise TypeError(f"double-quantized absmax codes must be uint8, got {codes.dtype}")
     k = _kernels_for(codes)
     if k is None and not codes.is_cuda:
-        return _cpu.decode_absmax(codes, nested_absmax.to(torch.float32), nested_code.to(torch.float32),
+        return _cpu.decode_absmax(codes.reshape(-1), nested_absmax.to(torch.float32), nested_code.to(torch.float32),
                                   _offset_tensor(offset, codes.device), int(nested_blocksize))
     if k is None:
         return reference.decode_absmax(codes, nested_absmax, nested_code, offset, nested_blocksize)
@@ -145,7 +147,7 @@ def dequantize_4bit(
     if not packed.is_cuda and native:
         cols = shape[-1] if shape else 1
         rows = n // cols if cols else 0
-        out = _cpu.dequantize_4bit(packed, absmax.to(torch.float32), rows, cols, blocksize, quant_type, dtype)
+        out = _cpu.dequantize_4bit(packed, absmax.to("cpu", torch.float32), rows, cols, blocksize, quant_type, dtype)
         return out.reshape(shape)
     # Other dtypes (float64: the exact products) and CUDA without CuPy: the torch reference.
     return reference.dequantize_4bit(packed, absmax, shape, blocksize, quant_type, dtype)
@@ -159,8 +161,10 @@ def quantize_4bit(w: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4")
     check_quant_type(quant_type)
     from .._core import NonFiniteError
 
+    if not w.is_floating_point():
+        raise TypeError(f"cannot quantize a {w.dtype} tensor: expected floating point")
     if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        w = w.float()
+        w = w.float()  # float64 and others: through float32
     k = _kernels_for(w)
     if k is None and w.is_cuda:
         try:

@@ -197,7 +197,7 @@ def _set_rng_state(st: dict) -> None:
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, config: FinetuneConfig, rank: int,
-                    world: int) -> None:
+                    world: int, scaler=None) -> None:
     """Adapter (PEFT format) + optimizer + scheduler + step (rank 0), RNG state (every rank)."""
     from ..model import save_adapter
 
@@ -207,7 +207,8 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, config: 
         opt_state = optimizer.state_dict()
         opt_state = {**opt_state, "state": {k: {kk: (vv.cpu() if torch.is_tensor(vv) else vv) for kk, vv in v.items()}
                                             for k, v in opt_state["state"].items()}}
-        torch.save({"optimizer": opt_state, "scheduler": scheduler.state_dict()}, path / "optimizer.pt")
+        torch.save({"optimizer": opt_state, "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None}, path / "optimizer.pt")
     torch.save(_rng_state(), path / f"rng_rank{rank}.pt")
     _barrier(world)
     if rank == 0:
@@ -217,20 +218,45 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, config: 
 
 #: Settings a resumed run must share with its checkpoint: they fix the data order and
 #: position, and the shape of the adapters and optimizer states.
-RESUME_MUST_MATCH = ("batch_size", "grad_accum", "seed", "max_length", "data", "quant", "double_quant", "blocksize",
-                     "r", "target_modules", "optim")
+RESUME_MUST_MATCH = ("model_dir", "data", "batch_size", "grad_accum", "seed", "max_length", "quant", "double_quant",
+                     "blocksize", "r", "alpha", "target_modules", "optim")
 
 
 def _check_resumable(ckpt: Path, saved: dict, config: FinetuneConfig) -> None:
     now = asdict(config)
     diffs = [f"{k}: {saved[k]!r} in the checkpoint, {now[k]!r} now" for k in RESUME_MUST_MATCH
-             if k in saved and _normalized(saved[k]) != _normalized(now[k])]
+             if k in saved and _resume_key(k, saved[k]) != _resume_key(k, now[k])]
     if diffs:
         raise ValueError(f"cannot resume from {ckpt}: " + "; ".join(diffs))
 
 
-def _normalized(v):
-    return list(v) if isinstance(v, (list, tuple)) else v
+def _resume_key(name: str, value):
+    """What must be equal: the same files, the same set of modules, the same state layout."""
+    if name in ("model_dir", "data"):
+        return str(Path(value).resolve())
+    if name == "target_modules":
+        return sorted(value) if isinstance(value, (list, tuple)) else value
+    if name == "optim":  # paged or not, the states are the same tensors
+        return 8 if str(value).endswith("8bit") else 32
+    return value
+
+
+def _apply_hyperparameters(optimizer, scheduler, config: FinetuneConfig, say) -> None:
+    """A resumed run trains with this run's lr / weight decay / betas (a checkpoint's state
+    dicts would silently bring back the old ones); the schedule keeps its position."""
+    old = optimizer.param_groups[0]
+    changed = [f"lr {scheduler.base_lrs[0]} -> {config.lr}"] if scheduler.base_lrs[0] != config.lr else []
+    if old["weight_decay"] != config.weight_decay:
+        changed.append(f"weight_decay {old['weight_decay']} -> {config.weight_decay}")
+    if tuple(old["betas"]) != tuple(config.betas):
+        changed.append(f"betas {tuple(old['betas'])} -> {tuple(config.betas)}")
+    scheduler.base_lrs = [config.lr for _ in optimizer.param_groups]
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group.update(initial_lr=config.lr, lr=config.lr * factor(scheduler.last_epoch),
+                     weight_decay=config.weight_decay, betas=tuple(config.betas))
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+    if changed:
+        say("resume with new hyper-parameters: " + ", ".join(changed))
 
 
 def _barrier(world: int) -> None:
@@ -286,8 +312,9 @@ def _label_tokens(labels: torch.Tensor) -> torch.Tensor:
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy (float32) over the labelled positions; 0 with a
     gradient path when there are none."""
-    shifted = logits[:, :-1, :].float()
-    return torch.nn.functional.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1),
+    # Shift the labels, not the logits: slicing the (B, T, V) logits would copy them once more.
+    targets = torch.nn.functional.pad(labels, (0, 1), value=_data.IGNORE_INDEX)[:, 1:]
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                              ignore_index=_data.IGNORE_INDEX, reduction="sum")
 
 
@@ -333,6 +360,8 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> Fine
     optimizer = make_optimizer(params, config.optim, config.lr, tuple(config.betas), config.weight_decay)
     scheduler = make_schedule(optimizer, config.schedule, total_steps, config.warmup_ratio)
 
+    # fp16 gradients need loss scaling; bf16 / fp32 do not.
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     start = 0
     resume = config.resume
     if resume is not None:
@@ -350,6 +379,9 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> Fine
         saved = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
+        _apply_hyperparameters(optimizer, scheduler, config, say)
+        if scaler is not None and saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
         start = int(state["step"])
         _set_rng_state(torch.load(ckpt / f"rng_rank{rank}.pt", weights_only=False))
         say(f"resumed from {ckpt} at step {start}")
@@ -378,7 +410,6 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> Fine
 
         bar_ctx = click.progressbar(length=total_steps - start, label="finetune", show_pos=True,
                                     item_show_func=lambda s: s, file=None)
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     t0 = time.perf_counter()
     tokens_total = 0
     bad_in_a_row = 0
@@ -418,27 +449,35 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> Fine
             total_norm = torch.nn.utils.clip_grad_norm_(
                 params, config.max_grad_norm if config.max_grad_norm and config.max_grad_norm > 0 else math.inf)
             lr_now = scheduler.get_last_lr()[0]
+            finite_loss = bool(torch.isfinite(step_loss_sum))
             if scaler is not None:
                 scale = scaler.get_scale()
-                scaler.step(optimizer)  # skips the step itself on inf / NaN, and lowers the scale
-                scaler.update()
-                if scaler.get_scale() < scale:  # skipped (an fp16 overflow): the schedule waits too
-                    result.skipped_steps += 1
-                else:
-                    scheduler.step()
-            elif bool(torch.isfinite(total_norm)):
-                optimizer.step()
+                scaler.step(optimizer)  # skips the step itself on inf / NaN gradients
+                scaler.update()  # ... and lowers the scale after a skip
+                stepped = scaler.get_scale() >= scale
+                # An fp16 overflow is the scaler's business; a NaN loss, or a scale driven
+                # below 1, is not something it can fix.
+                bad = not stepped and (not finite_loss or scaler.get_scale() < 1.0)
+            else:
+                stepped = bool(torch.isfinite(total_norm))
+                if stepped:
+                    optimizer.step()
+                bad = not stepped
+            if stepped:
                 scheduler.step()
                 bad_in_a_row = 0
             else:
                 # Skipped: the model, the optimizer and the schedule stay where they were.
-                bad_in_a_row += 1
                 result.skipped_steps += 1
-                say(f"step {step + 1}: non-finite gradient norm ({float(total_norm)}); step skipped")
+            if bad:
+                bad_in_a_row += 1
+                say(f"step {step + 1}: non-finite {'loss' if not finite_loss else 'gradient norm'} "
+                    f"({float(step_loss_sum / label_tokens) if not finite_loss else float(total_norm)}); "
+                    "step skipped")
                 if bad_in_a_row >= MAX_NON_FINITE_STEPS:
                     optimizer.zero_grad(set_to_none=True)
                     ckpt = Path(config.output_dir) / f"checkpoint-{step + 1:06d}"
-                    save_checkpoint(ckpt, model, optimizer, scheduler, step + 1, config, rank, world)
+                    save_checkpoint(ckpt, model, optimizer, scheduler, step + 1, config, rank, world, scaler)
                     raise NonFiniteGradientError(
                         f"gradients were non-finite for {bad_in_a_row} steps in a row (up to step {step + 1}); "
                         f"the adapter as of the last good step is saved in {ckpt}. Lower --lr or use bf16 / fp32.")
@@ -454,7 +493,7 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> Fine
                     f"{tokens_total / max(elapsed, 1e-9):,.0f} tok/s")
             if config.save_steps and (step + 1) % config.save_steps == 0 and step + 1 < total_steps:
                 save_checkpoint(Path(config.output_dir) / f"checkpoint-{step + 1:06d}", model, optimizer, scheduler,
-                                step + 1, config, rank, world)
+                                step + 1, config, rank, world, scaler)
     result.seconds = time.perf_counter() - t0
     result.tokens = tokens_total
     result.steps = total_steps - start
@@ -462,7 +501,7 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> Fine
     out_dir = Path(config.output_dir)
     if config.save_steps:
         save_checkpoint(out_dir / f"checkpoint-{total_steps:06d}", model, optimizer, scheduler, total_steps, config,
-                        rank, world)
+                        rank, world, scaler)
     if is_main:
         from ..model import save_adapter
 
