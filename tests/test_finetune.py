@@ -358,3 +358,42 @@ def test_fp16_training_runs_with_loss_scaling(tiny_model, train_data, tmp_path):
 
     a = load_file(str(tmp_path / "fp16" / "adapter_model.safetensors"))
     assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in a.items())
+
+
+def test_ctrl_c_saves_the_finished_steps_and_resume_continues_exactly(tiny_model, train_data, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from safetensors.torch import load_file
+
+    from nybble.train import trainer
+
+    full = tmp_path / "full"
+    finetune(_cfg(tiny_model, train_data, full, max_steps=4), log=lambda s: None)
+
+    real = trainer.token_loss_sum
+    calls = {"n": 0}
+
+    def ctrl_c_in_step_2(logits, labels):
+        calls["n"] += 1
+        if calls["n"] == 3:  # grad_accum 2: the first micro-batch of step 2
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(logits, labels)
+
+    monkeypatch.setattr(trainer, "token_loss_sum", ctrl_c_in_step_2)
+    part = tmp_path / "part"
+    r = CliRunner().invoke(main, ["finetune", str(tiny_model), "--data", str(train_data), "-o", str(part),
+                                  "--max-steps", "4", "--r", "8", "--alpha", "16", "--dropout", "0.1", "--lr", "2e-3",
+                                  "--batch-size", "8", "--grad-accum", "2", "--max-length", "32", "--no-progress",
+                                  "--seed", "42"])
+    assert r.exit_code == 130, r.output
+    assert "interrupted after step 2 of 4" in r.output and "--resume latest" in r.output
+    assert (part / "checkpoint-000002" / "trainer_state.json").is_file()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+    monkeypatch.setattr(trainer, "token_loss_sum", real)
+    finetune(_cfg(tiny_model, train_data, part, max_steps=4, resume="latest"), log=lambda s: None)
+    a = load_file(str(full / "adapter_model.safetensors"))
+    b = load_file(str(part / "adapter_model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

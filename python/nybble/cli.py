@@ -227,7 +227,7 @@ def finetune(model_dir, data, output, example, quant, double_quant, rank, alpha,
     checkpointing. Under torchrun it trains with DDP (gloo on the CPU, NCCL on GPUs).
     """
     try:
-        from .train import FinetuneConfig, NonFiniteGradientError
+        from .train import FinetuneConfig, NonFiniteGradientError, TrainingInterrupted
         from .train import finetune as run_finetune
         from .train.data import DataError
     except ImportError as e:
@@ -274,6 +274,10 @@ def finetune(model_dir, data, output, example, quant, double_quant, rank, alpha,
         raise _Fail(str(e)) from None
     except (FileNotFoundError, ValueError, NonFiniteError, NonFiniteGradientError) as e:
         raise _Fail(str(e)) from None
+    except TrainingInterrupted as e:
+        fail = _Fail(str(e))
+        fail.exit_code = 130  # the shell's code for Ctrl-C
+        raise fail from None
 
 
 def _is_local_main_process() -> bool:

@@ -206,7 +206,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
     tmp = path / f".{ADAPTER_WEIGHTS}.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, path / ADAPTER_WEIGHTS)
-    (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    tmp = path / f".{ADAPTER_CONFIG}.tmp"
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(tmp, path / ADAPTER_CONFIG)
 
 
 def _target_module_names(model: nn.Module, layers: dict[str, LoraLinear]) -> list[str]:

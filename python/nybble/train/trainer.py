@@ -8,6 +8,8 @@ import math
 import os
 import random
 import re
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -212,8 +214,11 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, config: 
     torch.save(_rng_state(), path / f"rng_rank{rank}.pt")
     _barrier(world)
     if rank == 0:
-        (path / "trainer_state.json").write_text(json.dumps({"step": step, "world_size": world,
-                                                             "config": asdict(config)}, indent=2) + "\n")
+        # Written last and renamed into place: a folder without it (an interrupted save) is
+        # never taken for a checkpoint.
+        tmp = path / ".trainer_state.json.tmp"
+        tmp.write_text(json.dumps({"step": step, "world_size": world, "config": asdict(config)}, indent=2) + "\n")
+        os.replace(tmp, path / "trainer_state.json")
 
 
 #: Settings a resumed run must share with its checkpoint: they fix the data order and
@@ -302,6 +307,47 @@ MAX_NON_FINITE_STEPS = 10
 
 class NonFiniteGradientError(RuntimeError):
     """Gradients stayed NaN / Inf for MAX_NON_FINITE_STEPS optimizer steps in a row."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C stopped training after a whole step; ``checkpoint`` holds the run to resume."""
+
+    def __init__(self, message: str, checkpoint: Path):
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
+class _StopRequest:
+    """Ctrl-C (SIGINT) asks the loop to stop after the step in progress, which is then saved
+    as a checkpoint: nothing trained is lost. A second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def _on_sigint(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+    def agreed(self, world: int, device: torch.device) -> bool:
+        """Whether to stop now; under DDP every rank stops at the same step (a rank that saw
+        no signal follows the others)."""
+        if world == 1:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        torch.distributed.all_reduce(flag)
+        return bool(flag.item() > 0)
 
 
 def _label_tokens(labels: torch.Tensor) -> torch.Tensor:
@@ -413,7 +459,7 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> Fine
     t0 = time.perf_counter()
     tokens_total = 0
     bad_in_a_row = 0
-    with bar_ctx as bar:
+    with bar_ctx as bar, _StopRequest() as stop_request:
         for step in range(start, total_steps):
             micro_batches = [{k: v.to(device) for k, v in next(stream).items()} for _ in range(config.grad_accum)]
             # The loss is the mean over every label token of the optimizer step (all
@@ -494,6 +540,12 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> Fine
             if config.save_steps and (step + 1) % config.save_steps == 0 and step + 1 < total_steps:
                 save_checkpoint(Path(config.output_dir) / f"checkpoint-{step + 1:06d}", model, optimizer, scheduler,
                                 step + 1, config, rank, world, scaler)
+            if stop_request.agreed(world, device) and step + 1 < total_steps:
+                ckpt = Path(config.output_dir) / f"checkpoint-{step + 1:06d}"
+                if not (ckpt / "trainer_state.json").is_file():
+                    save_checkpoint(ckpt, model, optimizer, scheduler, step + 1, config, rank, world, scaler)
+                raise TrainingInterrupted(f"interrupted after step {step + 1} of {total_steps}; the run is saved in "
+                                          f"{ckpt}: continue it with --resume latest", ckpt)
     result.seconds = time.perf_counter() - t0
     result.tokens = tokens_total
     result.steps = total_steps - start
