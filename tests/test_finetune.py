@@ -397,3 +397,17 @@ def test_ctrl_c_saves_the_finished_steps_and_resume_continues_exactly(tiny_model
     b = load_file(str(part / "adapter_model.safetensors"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_finetune_from_a_packed_checkpoint_equals_quantizing_at_load(tiny_model, train_data, tmp_path):
+    # `nybble quantize` then `nybble finetune` on its output: the same NF4 + DQ weights as
+    # quantizing the dense model at load, so the same losses step for step.
+    from nybble import checkpoint as ck
+
+    packed = tmp_path / "packed"
+    ck.quantize_checkpoint(tiny_model, packed)
+    assert "quantization_config" in json.loads((packed / "config.json").read_text())
+    a = finetune(_cfg(tiny_model, train_data, tmp_path / "dense", max_steps=3, dropout=0.0), log=lambda s: None)
+    b = finetune(_cfg(packed, train_data, tmp_path / "fromp", max_steps=3, dropout=0.0), log=lambda s: None)
+    assert a.losses == b.losses
+    assert (tmp_path / "fromp" / "adapter_model.safetensors").is_file()

@@ -398,6 +398,9 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> Fine
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
 
     model = load_model(config.model_dir, device, dtype, config.quant, config.blocksize, config.double_quant)
+    # Seeded here, after the load: loading a dense model and a packed one draw different
+    # amounts of randomness, and the adapters' initial values should not depend on which.
+    torch.manual_seed(config.seed)
     add_lora(model, r=config.r, alpha=config.alpha, target_modules=config.target_modules, dropout=config.dropout)
     model.to(device)
     if config.gradient_checkpointing:
