@@ -183,6 +183,11 @@ def test_dequantize_into_rejects_bad_buffers(rng):
         nybble.dequantize_4bit(packed, state, out=frozen)
     with pytest.raises(ValueError, match="requires grad"):
         nybble.dequantize_4bit(packed, state, out=torch.empty((16, 64), requires_grad=True))
+    # An out that aliases the packed bytes (same memory, another dtype) would be read while written.
+    arena = np.zeros(16 * 64 * 4, dtype=np.uint8)
+    arena[: packed.size] = packed.reshape(-1)
+    with pytest.raises(ValueError, match="overlaps"):
+        nybble.dequantize_4bit(arena[: packed.size], state, out=arena.view(np.float32).reshape(16, 64))
 
 
 def test_input_is_not_modified(rng):

@@ -134,9 +134,10 @@ def dequantize_4bit(
             raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(state.shape)}")
         if dtype is not None and dtype_name(dtype) != target.dtype:
             raise TypeError(f"out has dtype {target.dtype} but dtype={dtype_name(dtype)} was asked for")
-        _core.dequantize_4bit_into(
-            p, state.float_absmax(threads), state.blocksize, quant_type, target.array, target.dtype, threads
-        )
+        absmax = state.float_absmax(threads)
+        if np.may_share_memory(target.array, p) or np.may_share_memory(target.array, absmax):
+            raise ValueError("out overlaps the packed input or the absmax: it would be overwritten while read")
+        _core.dequantize_4bit_into(p, absmax, state.blocksize, quant_type, target.array, target.dtype, threads)
         return out
     out_dtype = dtype_name(dtype) if dtype is not None else state.dtype
     flat = _core.dequantize_4bit(
