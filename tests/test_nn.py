@@ -288,3 +288,26 @@ def test_saved_target_modules_select_only_adapted_layers(tmp_path):
     nybble.save_adapter(model, tmp_path / "a")
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert cfg["target_modules"] == ["2"]
+
+
+def test_save_adapter_on_a_full_disk_keeps_the_previous_adapter(tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    torch.manual_seed(0)
+    model = nybble.add_lora(nybble.quantize_model(nn.Sequential(nn.Linear(16, 32)), "nf4"), r=4, alpha=8)
+    nybble.save_adapter(model, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with torch.no_grad():
+        nybble.model.lora_layers(model)["0"].lora_B.weight.fill_(1.0)
+
+    def disk_full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        nybble.save_adapter(model, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no partial file, old adapter intact

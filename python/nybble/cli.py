@@ -274,6 +274,8 @@ def finetune(model_dir, data, output, example, quant, double_quant, rank, alpha,
         raise _Fail(str(e)) from None
     except (FileNotFoundError, ValueError, NonFiniteError, NonFiniteGradientError) as e:
         raise _Fail(str(e)) from None
+    except OSError as e:  # a full disk, a read-only output folder, ...
+        raise _Fail(f"{e.filename or 'output'}: {e.strerror or e}") from None
     except TrainingInterrupted as e:
         fail = _Fail(str(e))
         fail.exit_code = 130  # the shell's code for Ctrl-C

@@ -203,12 +203,17 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.cpu() for k, v in adapter_state_dict(model).items()}
-    tmp = path / f".{ADAPTER_WEIGHTS}.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path / ADAPTER_WEIGHTS)
-    tmp = path / f".{ADAPTER_CONFIG}.tmp"
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(tmp, path / ADAPTER_CONFIG)
+    # Each file written aside and renamed into place: a full disk or Ctrl-C leaves the
+    # previous adapter, never a truncated one.
+    for name, write in ((ADAPTER_WEIGHTS, lambda f: save_file(tensors, str(f), metadata={"format": "pt"})),
+                        (ADAPTER_CONFIG, lambda f: f.write_text(json.dumps(config, indent=2) + "\n"))):
+        tmp = path / f".{name}.tmp"
+        try:
+            write(tmp)
+            os.replace(tmp, path / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def _target_module_names(model: nn.Module, layers: dict[str, LoraLinear]) -> list[str]:
