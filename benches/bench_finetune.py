@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import cpu_bf16_features  # benches/ is the script folder: on sys.path
+
 SIDES = ("nybble", "peft+bnb")
 SIZES = {
     # Llama 3.x shapes
@@ -44,16 +46,6 @@ SIZES = {
                  num_key_value_heads=4, vocab_size=32000),
 }
 
-
-def cpu_bf16_features() -> str:
-    """The CPU's bfloat16 instructions: bitsandbytes' CPU path computes in bf16, so its speed
-    (the peer's) depends on them."""
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return "CPU flags unknown"
-    found = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
-    return "bf16 instructions: " + (", ".join(found) if found else "none")
 
 def build(size: str, path: Path, dtype_name: str) -> None:
     import torch

@@ -17,18 +17,10 @@ import subprocess
 import sys
 import time
 
+from _common import cpu_bf16_features  # benches/ is the script folder: on sys.path
+
 SIDES = ("nybble", "peft+bnb")
 
-
-def cpu_bf16_features() -> str:
-    """The CPU's bfloat16 instructions: bitsandbytes' CPU path computes in bf16, so its speed
-    (the peer's) depends on them."""
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return "CPU flags unknown"
-    found = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
-    return "bf16 instructions: " + (", ".join(found) if found else "none")
 
 def child(side: str, steps: int, batch: int, seq: int, threads: int) -> dict:
     import resource
