@@ -16,7 +16,8 @@ DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat1
 
 
 def np_view(t: torch.Tensor) -> np.ndarray:
-    """A zero-copy 1-D numpy view of a CPU tensor made contiguous (16-bit floats as uint16)."""
+    """A zero-copy 1-D numpy view of a CPU tensor made contiguous (16-bit floats as uint16);
+    for a contiguous tensor it shares its memory, so the core may write through it."""
     t = t.detach().contiguous().reshape(-1)
     if t.dtype in (torch.float16, torch.bfloat16):
         return t.view(torch.int16).numpy().view(np.uint16)
@@ -52,15 +53,6 @@ def dequantize_4bit(
 @dequantize_4bit.register_fake
 def _(packed, absmax, rows, cols, blocksize, quant_type, dtype):
     return packed.new_empty((rows, cols), dtype=dtype)
-
-
-def quantize_4bit(w: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(packed uint8 ((n+1)//2, 1), float32 absmax); other float dtypes go through float32."""
-    w = w.detach()
-    if w.dtype not in DTYPE_NAMES:
-        w = w.float()
-    packed, absmax = _core.quantize_4bit(np_view(w), DTYPE_NAMES[w.dtype], blocksize, quant_type)
-    return torch.from_numpy(packed).reshape(-1, 1), torch.from_numpy(absmax)
 
 
 def double_quantize(absmax: torch.Tensor, nested_blocksize: int = 256):

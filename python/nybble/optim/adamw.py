@@ -15,11 +15,11 @@ import copy
 import warnings
 from collections.abc import Iterable
 
-import numpy as np
 import torch
 
 from .. import _core
 from ..kernels import optim as kopt
+from ..kernels._cpu import np_view
 from . import paged as _paged
 
 STATE_BLOCKSIZE = kopt.STATE_BLOCKSIZE
@@ -44,14 +44,6 @@ def _warn_no_managed_memory() -> None:
         warnings.warn("paged optimizer: CUDA managed memory is unavailable (is CuPy installed? pip install "
                       "'nybble[cuda13]'); optimizer states are ordinary GPU tensors and will not page out",
                       stacklevel=5)
-
-
-def _np_view(t: torch.Tensor) -> np.ndarray:
-    """A writable zero-copy numpy view of a contiguous CPU tensor (16-bit floats as uint16)."""
-    flat = t.view(-1)
-    if t.dtype in (torch.float16, torch.bfloat16):
-        return flat.view(torch.int16).numpy().view(np.uint16)
-    return flat.numpy()
 
 
 class AdamW(torch.optim.Optimizer):
@@ -106,7 +98,7 @@ class AdamW(torch.optim.Optimizer):
             if got is not None:
                 return dict(zip(names, got))
             if _paged.managed_memory_available(p.device):
-                nbytes = sum(n * torch.empty((), dtype=dt).element_size() for n, dt in specs.values())
+                nbytes = sum(_paged.nbytes((n,), dt) for n, dt in specs.values())
                 warnings.warn(f"paged optimizer: the {nbytes:,} bytes of state of a parameter of shape "
                               f"{tuple(p.shape)} do not fit in the free GPU memory; keeping them on the host "
                               "(CPU update)", stacklevel=4)
@@ -208,7 +200,7 @@ class AdamW(torch.optim.Optimizer):
 
     def _update_cpu(self, p, g, bufs, eight, step, lr, beta1, beta2, eps, wd) -> None:
         dt = _CORE_DTYPE[p.dtype]
-        pv, gv = _np_view(p), _np_view(g)
+        pv, gv = np_view(p), np_view(g)
         hp = (step, float(lr), float(beta1), float(beta2), float(eps), float(wd))
         if eight:
             s1, s2, a1, a2 = (b.numpy() for b in bufs)

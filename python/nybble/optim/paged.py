@@ -36,7 +36,7 @@ def managed_memory_available(device: torch.device | None = None) -> bool:
 
 
 def managed_bytes() -> int:
-    """Bytes of managed memory this process holds through :func:`paged_zeros`."""
+    """Bytes of managed memory this process holds through :func:`paged_zeros_group`."""
     return _allocated
 
 
@@ -52,7 +52,8 @@ def _aligned(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
 
-def _nbytes(shape, dtype: torch.dtype) -> int:
+def nbytes(shape, dtype: torch.dtype) -> int:
+    """Bytes of a tensor of this shape and dtype."""
     numel = 1
     for s in shape:
         numel *= int(s)
@@ -71,7 +72,7 @@ def paged_zeros_group(specs, device: torch.device) -> list[torch.Tensor] | None:
     offsets, total = [], 0
     for shape, dtype in specs:
         offsets.append(total)
-        total += _aligned(_nbytes(shape, dtype))
+        total += _aligned(nbytes(shape, dtype))
     if total == 0:
         return [torch.zeros(shape, dtype=dtype, device=device) for shape, dtype in specs]
     import cupy
@@ -99,17 +100,10 @@ def paged_zeros_group(specs, device: torch.device) -> list[torch.Tensor] | None:
     _on_release(mem.mem, total)
     out = []
     for (shape, dtype), off in zip(specs, offsets):
-        n = _nbytes(shape, dtype)
+        n = nbytes(shape, dtype)
         # Each view keeps ``raw`` (and so the managed allocation) alive.
         out.append(raw[off:off + n].view(dtype).reshape(shape))
     return out
-
-
-def paged_zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A zero tensor in CUDA managed memory on ``device``; a CPU tensor when managed memory
-    is unavailable or the card has fewer free bytes than asked for."""
-    got = paged_zeros_group([(shape, dtype)], device)
-    return got[0] if got is not None else torch.zeros(shape, dtype=dtype)
 
 
 def _on_release(memory, nbytes: int) -> None:

@@ -259,7 +259,7 @@ def _apply_hyperparameters(optimizer, scheduler, config: FinetuneConfig, say) ->
     for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
         group.update(initial_lr=config.lr, lr=config.lr * factor(scheduler.last_epoch),
                      weight_decay=config.weight_decay, betas=tuple(config.betas))
-    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]  # what get_last_lr() reports
     if changed:
         say("resume with new hyper-parameters: " + ", ".join(changed))
 

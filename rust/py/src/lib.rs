@@ -101,70 +101,53 @@ fn get_num_threads() -> usize {
 
 // ---------------------------------------------------------------- float arrays
 
-/// A 1-D contiguous float input: float32, or 16-bit patterns of float16 / bfloat16.
-enum FloatIn<'py> {
-    F32(PyReadonlyArray1<'py, f32>),
-    Bits16(PyReadonlyArray1<'py, u16>, FloatDtype),
+/// Defines a 1-D contiguous float-array argument and its parser: float32, or the uint16 bit
+/// patterns of float16 / bfloat16 named by a dtype string. Read-only and writable arrays are
+/// different borrow types in rust-numpy, so one definition serves both.
+macro_rules! float_array_arg {
+    ($(#[$doc:meta])* $name:ident, $parse:ident, $array:ident, $needs:literal, $what:literal) => {
+        $(#[$doc])*
+        enum $name<'py> {
+            F32(numpy::$array<'py, f32>),
+            Bits16(numpy::$array<'py, u16>, FloatDtype),
+        }
+
+        fn $parse<'py>(x: &Bound<'py, PyAny>, dtype: &str) -> PyResult<$name<'py>> {
+            let dt = FloatDtype::parse(dtype).map_err(to_py_err)?;
+            let arr = match dt {
+                FloatDtype::F32 => $name::F32(x.extract().map_err(|_| {
+                    PyValueError::new_err(concat!("dtype float32 needs a ", $needs, " float32 numpy array"))
+                })?),
+                _ => $name::Bits16(
+                    x.extract().map_err(|_| {
+                        PyValueError::new_err(format!(
+                            concat!("dtype {} needs a ", $needs, " uint16 numpy array of its bit patterns"),
+                            dtype
+                        ))
+                    })?,
+                    dt,
+                ),
+            };
+            let contiguous = match &arr {
+                $name::F32(a) => a.is_c_contiguous(),
+                $name::Bits16(a, _) => a.is_c_contiguous(),
+            };
+            if !contiguous {
+                return Err(PyValueError::new_err(concat!($what, " must be C-contiguous")));
+            }
+            Ok(arr)
+        }
+    };
 }
 
-fn float_in<'py>(x: &Bound<'py, PyAny>, dtype: &str) -> PyResult<FloatIn<'py>> {
-    let dt = FloatDtype::parse(dtype).map_err(to_py_err)?;
-    let arr =
-        match dt {
-            FloatDtype::F32 => FloatIn::F32(x.extract().map_err(|_| {
-                PyValueError::new_err("dtype float32 needs a 1-D float32 numpy array")
-            })?),
-            _ => FloatIn::Bits16(
-                x.extract().map_err(|_| {
-                    PyValueError::new_err(format!(
-                        "dtype {dtype} needs a 1-D uint16 numpy array of its bit patterns"
-                    ))
-                })?,
-                dt,
-            ),
-        };
-    let contiguous = match &arr {
-        FloatIn::F32(a) => a.is_c_contiguous(),
-        FloatIn::Bits16(a, _) => a.is_c_contiguous(),
-    };
-    if !contiguous {
-        return Err(PyValueError::new_err("input array must be C-contiguous"));
-    }
-    Ok(arr)
-}
-
-/// A 1-D contiguous float array written in place: float32, or 16-bit patterns.
-enum FloatInOut<'py> {
-    F32(numpy::PyReadwriteArray1<'py, f32>),
-    Bits16(numpy::PyReadwriteArray1<'py, u16>, FloatDtype),
-}
-
-fn float_in_out<'py>(x: &Bound<'py, PyAny>, dtype: &str) -> PyResult<FloatInOut<'py>> {
-    let dt = FloatDtype::parse(dtype).map_err(to_py_err)?;
-    let arr = match dt {
-        FloatDtype::F32 => FloatInOut::F32(x.extract().map_err(|_| {
-            PyValueError::new_err("dtype float32 needs a writable 1-D float32 numpy array")
-        })?),
-        _ => FloatInOut::Bits16(
-            x.extract().map_err(|_| {
-                PyValueError::new_err(format!(
-                    "dtype {dtype} needs a writable 1-D uint16 numpy array of its bit patterns"
-                ))
-            })?,
-            dt,
-        ),
-    };
-    let contiguous = match &arr {
-        FloatInOut::F32(a) => a.is_c_contiguous(),
-        FloatInOut::Bits16(a, _) => a.is_c_contiguous(),
-    };
-    if !contiguous {
-        return Err(PyValueError::new_err(
-            "array written in place must be C-contiguous",
-        ));
-    }
-    Ok(arr)
-}
+float_array_arg!(
+    /// A float input, read only.
+    FloatIn, float_in, PyReadonlyArray1, "1-D", "input array"
+);
+float_array_arg!(
+    /// A float array written in place.
+    FloatInOut, float_in_out, PyReadwriteArray1, "writable 1-D", "array written in place"
+);
 
 fn u16_as<T>(s: &[u16]) -> &[T] {
     // SAFETY: f16 and bf16 are repr(transparent) over u16.
