@@ -32,7 +32,7 @@ import nybble.int8  # noqa: E402
 import nybble.quant  # noqa: E402
 from nybble import _core  # noqa: E402
 from nybble import kernels as dispatch  # noqa: E402
-from nybble.kernels import _source  # noqa: E402
+from nybble.kernels import _cuda, _source  # noqa: E402
 from nybble.kernels import optim as kopt  # noqa: E402
 from nybble.kernels import reference as ref  # noqa: E402
 
@@ -127,7 +127,7 @@ def k(emulator):
             dispatch.__dict__.pop("_cupy", None)
         else:
             dispatch._cupy = saved_attr
-        dispatch._cupy_backend.cache_clear()
+        _cuda.cupy_backend.cache_clear()
 
 
 @pytest.fixture
@@ -415,7 +415,7 @@ def test_int8_mm_dequant_bit_identical_to_reference(k, emulator, gen, dtype, wit
         q_b = torch.randint(-128, 128, (n, kdim), generator=gen, dtype=torch.int8)
         scale_a, scale_b = torch.rand(m, generator=gen) * 4, torch.rand(n, generator=gen) * 4
         bias = torch.randn(n, generator=gen).to(dtype) if with_bias else None
-        acc = dispatch._int_mm_padded(q_a, q_b)
+        acc = _cuda.int_mm_padded(q_a, q_b)
         assert torch.equal(acc[:m, :n].double(), q_a.double() @ q_b.double().t())
         out = run_twice(emulator, lambda o: k.launch_int8_mm_dequant(acc, scale_a, scale_b, bias, o), ((m, n), dtype))
         assert_bits_equal(out, ref.int8_matmul_dequant(q_a, q_b, scale_a, scale_b, bias, dtype), f"{(m, kdim, n)}")
@@ -497,37 +497,37 @@ def test_adamw_32bit_bit_identical_to_core(k, emulator, gen, dtype):
 
 
 def test_dispatch_functions_on_emulated_kernels(k, gen, monkeypatch):
-    """nybble.kernels' CUDA paths (output allocation, alignment fix-ups, the NaN check, the
-    padded int8 GEMM) with the emulated kernels standing in for the GPU ones."""
-    monkeypatch.setattr(dispatch, "_kernels_for", lambda t: k)
+    """The CUDA implementations of the nybble:: ops (output allocation, alignment fix-ups, the
+    NaN check, the padded int8 GEMM) with the emulated kernels standing in for the GPU ones."""
+    monkeypatch.setattr(_cuda, "cupy_backend", lambda: k)
 
     # Double-quant decode as the modules call it: the offset a 0-d tensor view, read by pointer.
     absmax_f = torch.rand(300, generator=gen) * 2
     codes_np, nested = nybble.quant.double_quantize(absmax_f.numpy())
     expected = torch.from_numpy(nybble.quant.double_dequantize(codes_np, nested))
     offset_bits = torch.tensor(nested.offset, dtype=torch.float32).view(torch.int32)
-    for offset in (nested.offset, offset_bits.view(torch.float32)):
-        got = dispatch.decode_absmax(torch.from_numpy(codes_np), torch.from_numpy(nested.nested_absmax),
+    for offset in (torch.tensor(nested.offset), offset_bits.view(torch.float32)):
+        got = _cuda.decode_absmax(torch.from_numpy(codes_np), torch.from_numpy(nested.nested_absmax),
                                      torch.from_numpy(nested.code), offset, nested.blocksize)
         assert_bits_equal(got, expected, f"decode_absmax, offset {type(offset).__name__}")
 
     w = torch.randn(40, 96, generator=gen) * 0.02
-    packed, absmax = dispatch.quantize_4bit(w, 64, "nf4")
+    packed, absmax = _cuda.quantize_4bit(w, 64, "nf4")
     core_packed, state = nybble.quant.quantize_4bit(w, 64, "nf4")
     assert_bits_equal(packed, core_packed, "quantize_4bit")
     w_bad = torch.randn(1000, generator=gen)
     w_bad[8 * 64 + 3] = float("nan")
     with pytest.raises(nybble.NonFiniteError, match="block 8"):
-        dispatch.quantize_4bit(w_bad, 64, "nf4")
+        _cuda.quantize_4bit(w_bad, 64, "nf4")
 
     # An odd byte offset: dequantize_4bit must realign the packed bytes for the kernel.
     shifted = torch.empty(packed.numel() + 1, dtype=torch.uint8)[1:].copy_(packed.reshape(-1))
-    out = dispatch.dequantize_4bit(shifted, absmax, (40, 96), 64, "nf4", torch.bfloat16)
+    out = _cuda.dequantize_4bit(shifted, absmax, (40, 96), 64, "nf4", torch.bfloat16)
     assert_bits_equal(out, nybble.quant.dequantize_4bit(core_packed, state, torch.bfloat16), "dequantize_4bit")
 
     x = torch.randn(2, 3, 96, generator=gen).to(torch.float16)
     bias = torch.randn(40, generator=gen)
-    got = dispatch.matmul_4bit(x, packed, absmax, (40, 96), 64, "nf4", bias)
+    got = _cuda.matmul_4bit(x, packed, absmax, (40, 96), 64, "nf4", bias)
     assert got.shape == (2, 3, 40) and got.dtype == torch.float16
     w64 = ref.dequantize_4bit(packed, absmax, (40, 96), 64, "nf4", torch.float64)
     x64, b64 = x.double().reshape(6, 96), bias.half().double()
@@ -537,7 +537,7 @@ def test_dispatch_functions_on_emulated_kernels(k, gen, monkeypatch):
     q_a = torch.randint(-128, 128, (2, 5, 24), generator=gen, dtype=torch.int8)
     q_b = torch.randint(-128, 128, (12, 24), generator=gen, dtype=torch.int8)
     sa, sb = torch.rand(10, generator=gen), torch.rand(12, generator=gen)
-    got = dispatch.int8_matmul_dequant(q_a, q_b, sa, sb, None, torch.bfloat16)
+    got = _cuda.int8_matmul_dequant(q_a, q_b, sa, sb, None, torch.bfloat16)
     assert_bits_equal(got, ref.int8_matmul_dequant(q_a, q_b, sa, sb, None, torch.bfloat16), "int8_matmul_dequant")
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from nybble import kernels
+from nybble.kernels import _cuda
 from nybble.kernels import reference as ref
 
 pytestmark = [
@@ -165,7 +166,7 @@ def test_int8_mm_dequant_kernel_against_float64(k, gen, dtype):
         sa = torch.rand(m, generator=gen, device=DEV) * 4
         sb = torch.rand(n, generator=gen, device=DEV) * 4
         bias = torch.randn(n, generator=gen, device=DEV).to(dtype)
-        acc = kernels._int_mm_padded(q_a, q_b)
+        acc = _cuda.int_mm_padded(q_a, q_b)
         assert torch.equal(acc[:m, :n].double(), q_a.double() @ q_b.double().t())  # exact, padding included
         out = twice(lambda o: k.launch_int8_mm_dequant(acc, sa, sb, bias, o), lambda: poisoned((m, n), dtype))
         # Bitwise equal to the float32 reference (same operation order), close to float64.

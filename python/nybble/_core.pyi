@@ -14,11 +14,13 @@ import numpy.typing as npt
 
 __version__: str
 
-class NonFiniteError(ValueError):
-    """An input holds NaN or Inf; the message names the flat index."""
-
-class CorruptFileError(ValueError):
-    """A file is not a valid safetensors / packed checkpoint."""
+# Errors: defined in nybble.errors and re-exported here. Every core error carries its fields
+# as attributes: NonFiniteError (.index, .value, .position, .tensor, .path), CorruptFileError
+# (.path, .tensor, .reason); ValueError / OverflowError / OSError ones get the variant's fields
+# (e.g. .blocksize, .expected / .got, .what, .dtype, .path, .tensor; writer misuse: a plain
+# ValueError with .path, .tensor, .reason). OS-level I/O errors have .errno, .strerror, .filename.
+from nybble.errors import CorruptFileError as CorruptFileError
+from nybble.errors import NonFiniteError as NonFiniteError
 
 FloatArray = npt.NDArray[np.float32] | npt.NDArray[np.uint16]
 
@@ -143,6 +145,7 @@ class Converter:
         max_shard_bytes: int = 5_000_000_000,
         error_stats: bool = True,
         threads: int | None = None,
+        quant_storage: str = "uint8",
     ) -> None: ...
     def plan(self) -> list[dict[str, Any]]:
         """name, dtype, shape, quantize, in_bytes, out_bytes, shard per input tensor."""

@@ -28,12 +28,13 @@ import ml_dtypes
 import numpy as np
 
 from . import _core
+from . import formats as fmt
 from .codebooks import code_4bit
-from .quant import NESTED_BLOCKSIZE, NestedState, QuantState4bit, dequantize_4bit
+from .formats import QUANT_STATE_PREFIX, quantization_config  # noqa: F401 - re-exported
+from .quant import QuantState4bit, dequantize_4bit
 
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
-QUANT_STATE_PREFIX = ".quant_state.bitsandbytes__"
 METHODS = ("nf4", "fp4", "int8")
 COMPUTE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -219,9 +220,9 @@ class Checkpoint:
     def read_json(self, name: str) -> dict[str, Any]:
         e = self.entries[name]
         try:
-            return json.loads(self.read(name).tobytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"{e.file}: tensor {name!r}: quant_state is not valid JSON: {err}") from None
+            return fmt.decode_quant_state(self.read(name))
+        except ValueError as err:
+            raise CheckpointError(f"{e.file}: tensor {name!r}: {err}") from None
 
 
 @dataclass
@@ -237,6 +238,8 @@ class PackedWeight:
     keys: list[str] = field(default_factory=list)
     blocksize: int | None = None
     double_quant: bool = False
+    # How the packed 4-bit codes are stored ("uint8", or the bytes as "bfloat16" / ...).
+    quant_storage: str | None = None
 
     @property
     def numel(self) -> int:
@@ -249,32 +252,32 @@ def packed_weights(ckpt: Checkpoint) -> dict[str, PackedWeight]:
     out: dict[str, PackedWeight] = {}
     int8_dtype: str | None = None
     for key in ckpt.entries:
-        if QUANT_STATE_PREFIX in key:
-            name, quant_type = key.split(QUANT_STATE_PREFIX, 1)
-            state = ckpt.read_json(key)
+        split = fmt.split_quant_state_key(key)
+        if split is not None:
+            name, quant_type = split
             where = f"{ckpt.entries[key].file}: tensor {key!r}"
-            if quant_type not in ("nf4", "fp4") or state.get("quant_type") != quant_type:
-                raise CheckpointError(f"{where}: unsupported quant_type {state.get('quant_type')!r}")
             try:
-                shape = tuple(int(d) for d in state["shape"])
-                blocksize = int(state["blocksize"])
-                dtype = str(state["dtype"])
-            except (KeyError, TypeError, ValueError) as err:
-                raise CheckpointError(f"{where}: bad quant_state ({err!r})") from None
-            dq = "nested_offset" in state
-            keys = [name, f"{name}.absmax", f"{name}.quant_map", key]
-            if dq:
-                keys += [f"{name}.nested_absmax", f"{name}.nested_quant_map"]
+                info = fmt.parse_quant_state(ckpt.read_json(key), quant_type)
+            except ValueError as err:
+                raise CheckpointError(f"{where}: {err}") from None
+            keys = fmt.four_bit_keys(name, quant_type, info.double_quant)
             for k in keys:
                 if k not in ckpt:
                     raise CheckpointError(f"{ckpt.path}: {name!r} is 4-bit but {k!r} is missing")
-            out[name] = PackedWeight(name, quant_type, shape, dtype, keys, blocksize, dq)
-        elif key.endswith(".SCB"):
-            module = key.removesuffix(".SCB")
-            name = f"{module}.weight"
+            packed = ckpt.entries[name]
+            storage = fmt.quant_storage_of(packed.dtype)
+            if storage is None or packed.nbytes != fmt.packed_nbytes(info.numel):
+                raise CheckpointError(
+                    f"{packed.file}: tensor {name!r}: {packed.dtype} {list(packed.shape)} cannot hold the "
+                    f"{fmt.packed_nbytes(info.numel)} packed bytes of shape {list(info.shape)}"
+                )
+            out[name] = PackedWeight(name, quant_type, info.shape, info.dtype, keys, info.blocksize,
+                                     info.double_quant, storage)
+        elif key.endswith("." + fmt.SCB):
+            name, scb_key, format_key = fmt.int8_keys(key.removesuffix("." + fmt.SCB) + ".weight")
             if name not in ckpt or ckpt.entries[name].dtype != "I8":
                 raise CheckpointError(f"{ckpt.path}: {key!r} has no int8 weight {name!r}")
-            keys = [name, key] + ([f"{module}.weight_format"] if f"{module}.weight_format" in ckpt else [])
+            keys = [name, scb_key] + ([format_key] if format_key in ckpt else [])
             if int8_dtype is None:
                 int8_dtype = ckpt.model_dtype() or "float32"
             out[name] = PackedWeight(name, "int8", ckpt.entries[name].shape, int8_dtype, keys)
@@ -289,36 +292,21 @@ def dequantize_weight(ckpt: Checkpoint, w: PackedWeight, dtype: str | None = Non
     """Decodes one packed weight to ``dtype`` (default: its recorded original dtype)."""
     where = f"{ckpt.entries[w.name].file}: tensor {w.name!r}"
     if w.format == "int8":
-        q = ckpt.read(w.name).astype(np.float32)
-        scb = ckpt.read(w.keys[1]).astype(np.float32)
+        q = ckpt.read(w.name)
+        scb = ckpt.read(w.keys[1])
         if scb.shape != (q.shape[0],):
             raise CheckpointError(f"{where}: SCB shape {scb.shape} does not match rows {q.shape[0]}")
-        # bitsandbytes' int8_vectorwise_dequant, in its float32 evaluation order.
-        out = (q * scb[:, None]) * np.float32(7.874015718698502e-3)
+        out = fmt.int8_dequantize(q, scb)
         return out.astype(_NUMPY_DTYPES[_SAFETENSORS_NAMES[dtype or w.dtype]])
-    quant_map = ckpt.read(f"{w.name}.quant_map")
+    quant_map = ckpt.read(f"{w.name}.{fmt.QUANT_MAP}")
     if not np.array_equal(quant_map, code_4bit(w.format)):
         raise CheckpointError(f"{where}: quant_map is not the standard {w.format} table")
-    nested = None
-    absmax = ckpt.read(f"{w.name}.absmax")
-    if w.double_quant:
-        state_json = ckpt.read_json(f"{w.name}{QUANT_STATE_PREFIX}{w.format}")
-        nested = NestedState(
-            nested_absmax=ckpt.read(f"{w.name}.nested_absmax").astype(np.float32),
-            offset=float(state_json["nested_offset"]),
-            code=ckpt.read(f"{w.name}.nested_quant_map").astype(np.float32),
-            blocksize=int(state_json.get("nested_blocksize", NESTED_BLOCKSIZE)),
-        )
-    state = QuantState4bit(
-        shape=w.shape,
-        dtype=w.dtype,
-        blocksize=w.blocksize or 64,
-        quant_type=w.format,
-        absmax=absmax,
-        nested=nested,
-        code=quant_map,
-    )
     try:
+        state = QuantState4bit.from_dict({k: ckpt.read(k) for k in w.keys[1:]})
+    except ValueError as err:
+        raise CheckpointError(f"{where}: {err}") from None
+    try:
+        # Any quant_storage: dequantize_4bit reads the stored bytes as uint8.
         return dequantize_4bit(ckpt.read(w.name), state, dtype or w.dtype)
     except ValueError as err:
         raise CheckpointError(f"{where}: {err}") from None
@@ -376,31 +364,6 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def quantization_config(
-    method: str,
-    double_quant: bool,
-    compute_dtype: str,
-    skip_modules: list[str] | None,
-) -> dict[str, Any]:
-    """``config.json``'s ``quantization_config`` as transformers' BitsAndBytesConfig writes it."""
-    four = method in ("nf4", "fp4")
-    return {
-        "_load_in_4bit": four,
-        "_load_in_8bit": not four,
-        "bnb_4bit_compute_dtype": compute_dtype,
-        "bnb_4bit_quant_storage": "uint8",
-        "bnb_4bit_quant_type": method if four else "fp4",
-        "bnb_4bit_use_double_quant": bool(double_quant) if four else False,
-        "llm_int8_enable_fp32_cpu_offload": False,
-        "llm_int8_has_fp16_weight": False,
-        "llm_int8_skip_modules": skip_modules,
-        "llm_int8_threshold": 6.0,
-        "load_in_4bit": four,
-        "load_in_8bit": not four,
-        "quant_method": "bitsandbytes",
-    }
-
-
 # ----------------------------------------------------------------------------- quantize
 
 
@@ -443,12 +406,20 @@ def quantize_checkpoint(
     error_stats: bool = True,
     on_plan: Callable[[list[dict[str, Any]]], None] | None = None,
     on_tensor: Callable[[dict[str, Any]], None] | None = None,
+    quant_storage: Any = "uint8",
 ) -> QuantizeSummary:
     """Converts a safetensors checkpoint (file or model folder) into a packed checkpoint
     folder. ``on_tensor`` is called on this thread after each tensor; an exception it raises
-    (KeyboardInterrupt included) aborts the run and leaves no output behind."""
+    (KeyboardInterrupt included) aborts the run and leaves no output behind.
+
+    ``quant_storage`` (uint8, bfloat16 / bf16, float16 / fp16, float32 / fp32): the dtype the
+    packed 4-bit weights are stored as (bitsandbytes' ``bnb_4bit_quant_storage``, for FSDP);
+    the bytes, and so every output, are the same whatever it is."""
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not one of {METHODS}")
+    quant_storage = fmt.quant_storage_name(quant_storage)
+    if method == "int8" and quant_storage != "uint8":
+        raise ValueError(f"quant_storage {quant_storage!r} applies to 4-bit weights only, not int8")
     compute_dtype = COMPUTE_DTYPES.get(compute_dtype, compute_dtype)
     if compute_dtype not in COMPUTE_DTYPES.values():
         raise ValueError(f"compute dtype {compute_dtype!r} is not one of {list(COMPUTE_DTYPES)}")
@@ -462,7 +433,7 @@ def quantize_checkpoint(
         raise CheckpointError(f"output {out} must not contain the input {src}")
     started = time.perf_counter()
     ckpt = Checkpoint(src)
-    already = [k for k in ckpt.entries if QUANT_STATE_PREFIX in k or k.endswith(".SCB")]
+    already = [k for k in ckpt.entries if fmt.split_quant_state_key(k) or k.endswith("." + fmt.SCB)]
     if already:
         raise CheckpointError(f"{src} is already quantized ({already[0]!r}); dequantize it first")
     listing = [(e.name, e.dtype, list(e.shape)) for e in ckpt.entries.values()]
@@ -471,6 +442,13 @@ def quantize_checkpoint(
         # A checkpoint with nothing packed would still claim a quantization_config.
         what = f"--only {' '.join(only)}" if list(only) else "the default rule (2-D float .weight of linear layers)"
         raise CheckpointError(f"{src}: no tensor to quantize matches {what}")
+    if quant_storage != "uint8":
+        for name in sorted(chosen):
+            e = ckpt.entries[name]
+            try:
+                fmt.packed_shape(int(np.prod(e.shape, dtype=np.int64)), quant_storage)
+            except ValueError as err:
+                raise CheckpointError(f"{e.file}: tensor {name!r} {list(e.shape)}: {err}") from None
     config = ckpt.config()
 
     with staged_output(out, overwrite) as staging:
@@ -484,6 +462,7 @@ def quantize_checkpoint(
             max_shard_bytes=max_shard_bytes,
             error_stats=error_stats,
             threads=threads,
+            quant_storage=quant_storage,
         )
         plan = conv.plan()
         if on_plan is not None:
@@ -508,7 +487,8 @@ def quantize_checkpoint(
                 {t["name"].removesuffix(".weight") for t in plan if not t["quantize"] and len(t["shape"]) == 2}
                 | {"lm_head"}
             )
-            config["quantization_config"] = quantization_config(method, double_quant, compute_dtype, kept)
+            config["quantization_config"] = fmt.quantization_config(method, double_quant, compute_dtype, kept,
+                                                                    quant_storage)
             _write_json(staging / CONFIG_FILE, config)
         shards = sorted(p.name for p in staging.glob("*.safetensors"))
 
@@ -606,16 +586,17 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     rows = []
     for w in weights.values():
         nbytes = _nbytes(ckpt, w.keys)
-        fmt = w.format + ("+dq" if w.double_quant else "") + (f"/{w.blocksize}" if w.blocksize else "")
+        fmt_name = w.format + ("+dq" if w.double_quant else "") + (f"/{w.blocksize}" if w.blocksize else "")
         rows.append(
             {
                 "name": w.name,
-                "format": fmt,
+                "format": fmt_name,
                 "shape": list(w.shape),
                 "dtype": w.dtype,
                 "bytes": nbytes,
                 "params": w.numel,
                 "bits_per_param": 8 * nbytes / max(w.numel, 1),
+                **({"quant_storage": w.quant_storage} if w.quant_storage else {}),
             }
         )
     for e in ckpt.entries.values():

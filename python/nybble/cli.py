@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from . import checkpoint as ck
+from . import formats as fmt
 from ._core import CorruptFileError, NonFiniteError
 
 DEFAULT_OUTPUT = "minilm-nf4"
@@ -55,6 +56,10 @@ def main() -> None:
     """nybble: bitsandbytes-compatible 4-bit / 8-bit quantization with a Rust core."""
 
 
+# Storage names (nybble.formats.QUANT_STORAGES) and their short spellings.
+_QUANT_STORAGE_CHOICES = [*fmt.QUANT_STORAGES, *(a for a in fmt.QUANT_STORAGE_ALIASES if a != "u8")]
+
+
 @main.command()
 @click.argument("input_path", metavar="[INPUT]", required=False, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=DEFAULT_OUTPUT, show_default=True, help="Output folder.")
@@ -68,7 +73,10 @@ def main() -> None:
 @click.option("--only", multiple=True, metavar="PATTERN", help="Quantize only 2-D float tensors matching this glob (or re:REGEX), instead of the default rule. Repeatable.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Split the output into shards above this size (5GB, 500MB, 2GiB).")
 @click.option("--stats/--no-stats", default=True, show_default=True, help="Measure the quantization error of every tensor.")
-def quantize(input_path, output, method, blocksize, double_quant, compute_dtype, threads, overwrite, skip, only, max_shard_size, stats):
+@click.option("--quant-storage", type=click.Choice(_QUANT_STORAGE_CHOICES), default="uint8", show_default=True,
+              help="dtype the packed 4-bit weights are stored as (bnb_4bit_quant_storage; bf16 etc. for FSDP). Same bytes, same outputs.")
+def quantize(input_path, output, method, blocksize, double_quant, compute_dtype, threads, overwrite, skip, only, max_shard_size, stats,
+             quant_storage):
     """Quantize a safetensors checkpoint (file or model folder) for transformers + bitsandbytes.
 
     INPUT defaults to the built-in MiniLM example. By default every 2-D float `.weight` of a
@@ -108,6 +116,7 @@ def quantize(input_path, output, method, blocksize, double_quant, compute_dtype,
             only=only,
             max_shard_size=max_shard_size,
             error_stats=stats,
+            quant_storage=quant_storage,
             on_plan=on_plan,
             on_tensor=on_tensor,
         )
@@ -118,7 +127,8 @@ def quantize(input_path, output, method, blocksize, double_quant, compute_dtype,
             bar.__exit__(None, None, None)
     s = summary
     click.echo(f"wrote {s.output} ({', '.join(s.shards)})")
-    click.echo(f"  tensors      {s.quantized} quantized ({method}) of {s.tensors}; {s.params_quantized:,} parameters packed")
+    stored = "" if fmt.quant_storage_name(quant_storage) == "uint8" else f", stored as {fmt.quant_storage_name(quant_storage)}"
+    click.echo(f"  tensors      {s.quantized} quantized ({method}{stored}) of {s.tensors}; {s.params_quantized:,} parameters packed")
     click.echo(f"  size         {human_bytes(s.bytes_in)} -> {human_bytes(s.bytes_out)} ({s.bytes_in / max(s.bytes_out, 1):.2f}x smaller)")
     click.echo(f"  bits/param   {s.bits_per_parameter:.3f} over the quantized tensors (constants included)")
     if s.rmse is not None:
@@ -182,40 +192,67 @@ def verify(original, packed):
 
 # ---------------------------------------------------------------------- finetune
 
+# FinetuneConfig is the one source of the defaults and choices below (nybble.train.config
+# needs neither torch nor transformers).
+from .train.config import DTYPES, OPTIMIZERS, QUANT_METHODS, SCHEDULES, config_defaults  # noqa: E402
+
+_FINETUNE_DEFAULTS = config_defaults()
+#: What --example changes (and the options left at None take) instead of FinetuneConfig's defaults.
 _EXAMPLE_DEFAULTS = {"lr": 2e-3, "r": 16, "alpha": 32.0, "batch_size": 8, "grad_accum": 2, "max_steps": 600,
                      "max_length": 64, "dropout": 0.0}
+#: Output folder when -o is not given (FinetuneConfig.output_dir has no default).
+DEFAULT_FINETUNE_OUTPUT = "nybble-adapter"
+
+
+def _shown(value) -> str:
+    """A default as the help text writes it: 16.0 as 16, 0.0002 as 2e-4."""
+    if isinstance(value, float):
+        if value.is_integer():
+            return str(int(value))
+        if abs(value) < 1e-2:
+            mantissa, exponent = f"{value:e}".split("e")
+            return f"{float(mantissa):g}e{int(exponent)}"
+    return str(value)
+
+
+def _both_defaults(key: str) -> str:
+    """The help's note on a setting --example changes: FinetuneConfig's default and the example's."""
+    return f"[default: {_shown(_FINETUNE_DEFAULTS[key])}; example {_shown(_EXAMPLE_DEFAULTS[key])}]"
+
+
+_D = _FINETUNE_DEFAULTS
 
 
 @main.command()
 @click.argument("model_dir", metavar="[MODEL_DIR]", required=False, type=click.Path(path_type=Path))
 @click.option("--data", type=click.Path(path_type=Path), help='Training jsonl: {"text": ...} or {"prompt": ..., "response": ...} per line.')
-@click.option("-o", "--output", type=click.Path(path_type=Path), default="nybble-adapter", show_default=True, help="Output folder (final adapter in PEFT format, checkpoint-* folders).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=DEFAULT_FINETUNE_OUTPUT, show_default=True, help="Output folder (final adapter in PEFT format, checkpoint-* folders).")
 @click.option("--example", is_flag=True, help="Built-in tiny example (random tiny Llama + arithmetic data), offline on the CPU; also used when MODEL_DIR is omitted.")
-@click.option("--quant", type=click.Choice(["nf4", "fp4", "int8"]), default="nf4", show_default=True)
-@click.option("--double-quant/--no-double-quant", default=True, show_default=True)
-@click.option("--r", "rank", type=click.IntRange(min=1), default=None, help="LoRA rank [default: 64; example 16].")
-@click.option("--alpha", type=float, default=None, help="LoRA alpha [default: 16; example 32].")
-@click.option("--dropout", type=float, default=None, help="LoRA dropout [default: 0.05; example 0].")
+@click.option("--quant", type=click.Choice(QUANT_METHODS), default=_D["quant"], show_default=True)
+@click.option("--double-quant/--no-double-quant", default=_D["double_quant"], show_default=True)
+@click.option("--r", "rank", type=click.IntRange(min=1), default=None, help=f"LoRA rank {_both_defaults('r')}.")
+@click.option("--alpha", type=float, default=None, help=f"LoRA alpha {_both_defaults('alpha')}.")
+@click.option("--dropout", type=float, default=None, help=f"LoRA dropout {_both_defaults('dropout')}.")
 @click.option("--target", "target_modules", multiple=True, help="Module names to adapt (repeatable) [default: all linear layers].")
-@click.option("--optim", type=click.Choice(["paged_adamw_32bit", "paged_adamw_8bit", "adamw_32bit", "adamw_8bit"]), default="paged_adamw_32bit", show_default=True)
-@click.option("--lr", type=float, default=None, help="Learning rate [default: 2e-4; example 2e-3].")
-@click.option("--weight-decay", type=float, default=0.0, show_default=True)
-@click.option("--max-grad-norm", type=float, default=0.3, show_default=True)
-@click.option("--warmup-ratio", type=float, default=0.03, show_default=True)
-@click.option("--schedule", type=click.Choice(["constant", "linear", "cosine"]), default="constant", show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Micro-batch size per process [default: 4; example 8].")
-@click.option("--grad-accum", type=click.IntRange(min=1), default=None, help="Gradient accumulation steps [default: 4; example 2].")
-@click.option("--epochs", type=float, default=1.0, show_default=True)
-@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Optimizer steps (overrides --epochs) [example: 600].")
-@click.option("--max-length", type=click.IntRange(min=2), default=None, help="Tokens per sequence [default: 512; example 64].")
-@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=True, show_default=True)
-@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True, help="Compute dtype (auto: bf16 on the GPU, fp32 on the CPU).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
-@click.option("--save-steps", type=click.IntRange(min=0), default=0, show_default=True, help="Checkpoint every N steps (adapter + optimizer + step + RNG); 0: only the final adapter.")
-@click.option("--resume", default=None, help="Resume from a checkpoint folder, or 'latest' (the newest checkpoint-* in the output folder).")
-@click.option("--seed", type=int, default=42, show_default=True)
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar (else a log line every --log-every steps).")
-@click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--optim", type=click.Choice(OPTIMIZERS), default=_D["optim"], show_default=True)
+@click.option("--lr", type=float, default=None, help=f"Learning rate {_both_defaults('lr')}.")
+@click.option("--weight-decay", type=float, default=_D["weight_decay"], show_default=True)
+@click.option("--max-grad-norm", type=float, default=_D["max_grad_norm"], show_default=True)
+@click.option("--warmup-ratio", type=float, default=_D["warmup_ratio"], show_default=True)
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=_D["schedule"], show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help=f"Micro-batch size per process {_both_defaults('batch_size')}.")
+@click.option("--grad-accum", type=click.IntRange(min=1), default=None, help=f"Gradient accumulation steps {_both_defaults('grad_accum')}.")
+@click.option("--epochs", type=float, default=_D["epochs"], show_default=True)
+@click.option("--max-steps", type=click.IntRange(min=1), default=None, help=f"Optimizer steps (overrides --epochs) [example: {_EXAMPLE_DEFAULTS['max_steps']}].")
+@click.option("--max-length", type=click.IntRange(min=2), default=None, help=f"Tokens per sequence {_both_defaults('max_length')}.")
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=_D["gradient_checkpointing"], show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default=_D["dtype"], show_default=True, help="Compute dtype (auto: bf16 on the GPU, fp32 on the CPU).")
+@click.option("--device", default=_D["device"], show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--save-steps", type=click.IntRange(min=0), default=_D["save_steps"], show_default=True, help="Checkpoint every N steps (adapter + optimizer + step + RNG); 0: only the final adapter.")
+@click.option("--resume", default=_D["resume"], help="Resume from a checkpoint folder, or 'latest' (the newest checkpoint-* in the output folder).")
+@click.option("--seed", type=int, default=_D["seed"], show_default=True)
+@click.option("--progress/--no-progress", default=_D["progress"], show_default=True, help="Progress bar (else a log line every --log-every steps).")
+@click.option("--log-every", type=click.IntRange(min=1), default=_D["log_every"], show_default=True)
 def finetune(model_dir, data, output, example, quant, double_quant, rank, alpha, dropout, target_modules, optim, lr,
              weight_decay, max_grad_norm, warmup_ratio, schedule, batch_size, grad_accum, epochs, max_steps,
              max_length, gradient_checkpointing, dtype, device, save_steps, resume, seed, progress, log_every):
@@ -233,8 +270,7 @@ def finetune(model_dir, data, output, example, quant, double_quant, rank, alpha,
     except ImportError as e:
         raise _Fail(f"finetune needs torch and transformers ({e}); pip install 'nybble[torch]' transformers") from None
     use_example = example or model_dir is None
-    defaults = {"lr": 2e-4, "r": 64, "alpha": 16.0, "batch_size": 4, "grad_accum": 4, "max_steps": None,
-                "max_length": 512, "dropout": 0.05}
+    defaults = {key: _FINETUNE_DEFAULTS[key] for key in _EXAMPLE_DEFAULTS}
     if use_example:
         from .train import example as ex
 
@@ -261,7 +297,8 @@ def finetune(model_dir, data, output, example, quant, double_quant, rank, alpha,
     cfg = FinetuneConfig(
         model_dir=str(model_dir), data=str(data), output_dir=str(output), quant=quant, double_quant=double_quant,
         r=pick(rank, "r"), alpha=pick(alpha, "alpha"), dropout=pick(dropout, "dropout"),
-        target_modules=list(target_modules) if target_modules else "all-linear", optim=optim, lr=pick(lr, "lr"),
+        target_modules=list(target_modules) if target_modules else _FINETUNE_DEFAULTS["target_modules"],
+        optim=optim, lr=pick(lr, "lr"),
         weight_decay=weight_decay, max_grad_norm=max_grad_norm, warmup_ratio=warmup_ratio, schedule=schedule,
         batch_size=pick(batch_size, "batch_size"), grad_accum=pick(grad_accum, "grad_accum"), epochs=epochs,
         max_steps=pick(max_steps, "max_steps"), max_length=pick(max_length, "max_length"),

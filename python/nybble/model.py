@@ -317,6 +317,7 @@ def load_quantized(
 
     ``model_class`` defaults to ``transformers.AutoModel``; any class with ``from_config``
     works. Non-quantized tensors load in ``dtype``."""
+    from . import formats
     from .checkpoint import Checkpoint
 
     path = Path(path)
@@ -324,7 +325,7 @@ def load_quantized(
     cfg = ckpt.config()
     if cfg is None or "quantization_config" not in cfg:
         raise ValueError(f"{path}: config.json with a quantization_config is required")
-    qc = cfg["quantization_config"]
+    qc = formats.parse_quantization_config(cfg["quantization_config"])
     if model_class is None:
         import transformers
 
@@ -337,20 +338,24 @@ def load_quantized(
     with _linear_weights_on_meta():
         model = model_class.from_config(config, dtype=dtype) if hasattr(model_class, "from_config") else model_class(config)
     model.eval()
-    four_bit = bool(qc.get("load_in_4bit"))
+    four_bit = qc.load_in_4bit
     if compute_dtype is None and four_bit:
-        compute_dtype = getattr(torch, str(qc.get("bnb_4bit_compute_dtype", "float32")).replace("torch.", ""))
+        compute_dtype = getattr(torch, qc.compute_dtype or "float32")
 
     names = set(ckpt.entries)
     for n, lin in [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]:
-        qs_key = next((k for k in (f"{n}.weight.quant_state.bitsandbytes__{t}" for t in ("nf4", "fp4")) if k in names), None)
+        weight = f"{n}.weight"
+        qs_key = next((k for k in (formats.quant_state_key(weight, t) for t in formats.QUANT_TYPES) if k in names), None)
+        scb_key = formats.int8_keys(weight)[1]
         if four_bit and qs_key is not None:
-            qs = ckpt.read_json(qs_key)
-            new = Linear4bit(lin.in_features, lin.out_features, lin.bias is not None, qs["quant_type"],
-                             int(qs["blocksize"]), "nested_blocksize" in qs, compute_dtype)
-        elif not four_bit and f"{n}.SCB" in names:
-            new = Linear8bitLt(lin.in_features, lin.out_features, lin.bias is not None,
-                               float(qc.get("llm_int8_threshold", 6.0)))
+            qs = formats.parse_quant_state(ckpt.read_json(qs_key))
+            # The storage each weight was written with (bnb_4bit_quant_storage, per tensor).
+            storage = formats.quant_storage_of(ckpt.entries[weight].dtype) if weight in names else None
+            new = Linear4bit(lin.in_features, lin.out_features, lin.bias is not None, qs.quant_type,
+                             qs.blocksize, qs.double_quant, compute_dtype,
+                             quant_storage=storage or qc.quant_storage)
+        elif not four_bit and scb_key in names:
+            new = Linear8bitLt(lin.in_features, lin.out_features, lin.bias is not None, qc.threshold)
         else:
             continue
         _set_module(model, n, new)

@@ -16,9 +16,7 @@ import numpy as np
 from . import _core
 from ._arrays import dtype_name, flat_floats, from_core, like_input, to_numpy
 from .codebooks import code_4bit, dynamic_map
-
-QUANT_TYPES = ("nf4", "fp4")
-NESTED_BLOCKSIZE = 256
+from .formats import NESTED_BLOCKSIZE, QUANT_TYPES, packed_as_storage, packed_as_uint8, packed_shape, quant_storage_name
 
 
 @dataclass
@@ -68,6 +66,21 @@ class QuantState4bit:
     def bits_per_parameter(self) -> float:
         return _core.bits_per_parameter(self.numel, self.blocksize, self.double_quant)
 
+    def to_dict(self, packed: bool = True) -> dict[str, Any]:
+        """bitsandbytes' ``QuantState.as_dict``: the state-dict entries of this state (keys
+        without the ``P.weight.`` prefix); see :func:`nybble.formats.quant_state_to_dict`."""
+        from .formats import quant_state_to_dict
+
+        return quant_state_to_dict(self, packed)
+
+    @classmethod
+    def from_dict(cls, items: dict[str, Any]) -> "QuantState4bit":
+        """bitsandbytes' ``QuantState.from_dict``: a state from a weight's quant-state entries
+        (prefixed or not, packed or not); see :func:`nybble.formats.quant_state_from_dict`."""
+        from .formats import quant_state_from_dict
+
+        return quant_state_from_dict(items)
+
 
 def _check_quant_type(quant_type: str) -> str:
     if quant_type not in QUANT_TYPES:
@@ -81,19 +94,24 @@ def quantize_4bit(
     quant_type: str = "nf4",
     double_quant: bool = False,
     threads: int | None = None,
+    quant_storage: Any = "uint8",
 ) -> tuple[Any, QuantState4bit]:
     """Packs ``x`` (float32 / float16 / bfloat16, numpy or CPU torch) into 4-bit codes.
 
     Returns ``(packed, state)``: ``packed`` is uint8 of shape ``((n + 1) // 2, 1)`` like
-    bitsandbytes (a torch tensor if ``x`` was one). Raises ``NonFiniteError`` naming the
-    position of the first NaN / Inf.
+    bitsandbytes (a torch tensor if ``x`` was one); with ``quant_storage`` bfloat16 / float16 /
+    float32, the same bytes viewed as that dtype, ``((n + 1) // 2 // itemsize, 1)``. Raises ``NonFiniteError`` with the first
+    NaN / Inf's ``.index`` (flat), ``.position`` (in ``x``'s shape) and ``.value``.
     """
     _check_quant_type(quant_type)
+    storage = quant_storage_name(quant_storage)
     flat = flat_floats(x)
+    packed_shape(int(np.prod(flat.shape, dtype=np.int64)), storage)  # fails early on a bad size
     try:
         packed, absmax = _core.quantize_4bit(flat.array, flat.dtype, blocksize, quant_type, threads)
     except _core.NonFiniteError as e:
-        raise _core.NonFiniteError(_with_position(str(e), flat.shape)) from None
+        e.locate(flat.shape)  # the core sees a flat buffer; .position needs the shape
+        raise
     nested = None
     if double_quant:
         code = dynamic_map(signed=True)
@@ -109,7 +127,8 @@ def quantize_4bit(
         nested=nested,
         code=code_4bit(quant_type),
     )
-    return like_input(packed.reshape(-1, 1), flat.torch_out), state
+    packed = like_input(packed.reshape(-1, 1), flat.torch_out)
+    return (packed if storage == "uint8" else packed_as_storage(packed, storage)), state
 
 
 def dequantize_4bit(
@@ -126,7 +145,9 @@ def dequantize_4bit(
     place and returned (its dtype is the output dtype), so a loop can reuse one buffer."""
     from ._arrays import is_torch_tensor, writable_floats
 
-    p = to_numpy(packed, np.uint8).reshape(-1)
+    p = to_numpy(packed)
+    # Any quant_storage (uint8, or the same bytes as bfloat16 / float16 / float32): a view.
+    p = (np.ascontiguousarray(p, dtype=np.uint8) if p.dtype.kind in "biu" else packed_as_uint8(p)).reshape(-1)
     quant_type = _check_quant_type(state.quant_type)
     if out is not None:
         target = writable_floats(out, "out")
@@ -159,7 +180,8 @@ def quantize_blockwise(
     try:
         codes, absmax = _core.quantize_blockwise(flat.array, flat.dtype, code, blocksize, threads)
     except _core.NonFiniteError as e:
-        raise _core.NonFiniteError(_with_position(str(e), flat.shape)) from None
+        e.locate(flat.shape)  # the core sees a flat buffer; .position needs the shape
+        raise
     return like_input(codes.reshape(flat.shape), flat.torch_out), like_input(absmax, flat.torch_out)
 
 
@@ -209,14 +231,3 @@ def double_dequantize(codes: Any, nested: NestedState, threads: int | None = Non
         nested.blocksize,
         threads,
     )
-
-
-def _with_position(message: str, shape: tuple[int, ...]) -> str:
-    """Adds the multi-dimensional position to the core's flat-index message."""
-    import re
-
-    m = re.search(r"flat index (\d+)", message)
-    if m is None or len(shape) < 2:
-        return message
-    pos = np.unravel_index(int(m.group(1)), shape)
-    return f"{message} (position {tuple(int(i) for i in pos)} of shape {shape})"

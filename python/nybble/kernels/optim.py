@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .reference import nearest_code
+
 KERNEL_FILE = "optim_8bit.cu"
 STATE_BLOCKSIZE = 256
 _THREADS = 256
@@ -67,15 +69,6 @@ def _update(c: AdamWConstants, p, g, m, v):
     v = v * f32(c.beta2) + (g * g) * f32(c.omb2)
     denom = v.sqrt() / f32(c.bc2_sqrt) + f32(c.eps)
     return p - f32(c.step_size) * (m / denom), m, v
-
-
-def nearest_code(code: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest entry of an ascending table, ties to the lower index."""
-    right = torch.searchsorted(code, s, right=True)
-    idx = (right - 1).clamp(min=0)
-    nxt = (idx + 1).clamp(max=code.numel() - 1)
-    take_next = (idx + 1 < code.numel()) & ((s - code[nxt]).abs() < (s - code[idx]).abs())
-    return torch.where(take_next, nxt, idx).to(torch.uint8)
 
 
 @torch.no_grad()
@@ -163,18 +156,3 @@ def launch_adamw_32bit(p, g, exp_avg, exp_avg_sq, c: AdamWConstants) -> None:
         KERNEL_FILE, f"nybble_adamw_32bit_{_suffix(p.dtype)}", p.device.index, (grid,), (_THREADS,),
         (_cupy._ptr(p), _cupy._ptr(g), _cupy._ptr(exp_avg), _cupy._ptr(exp_avg_sq), np.int64(n), *c.as_args()),
     )
-
-
-def adamw_8bit_cuda(p, g, state1, state2, absmax1, absmax2, code1, code2, c: AdamWConstants) -> None:
-    """The kernel when CuPy is there, else the torch reference (same results)."""
-    if cupy_available():
-        launch_adamw_8bit(p, g, state1, state2, absmax1, absmax2, code1, code2, c)
-    else:
-        adamw_8bit_reference(p, g, state1, state2, absmax1, absmax2, code1, code2, c)
-
-
-def adamw_32bit_cuda(p, g, exp_avg, exp_avg_sq, c: AdamWConstants) -> None:
-    if cupy_available():
-        launch_adamw_32bit(p, g, exp_avg, exp_avg_sq, c)
-    else:
-        adamw_32bit_reference(p, g, exp_avg, exp_avg_sq, c)

@@ -152,6 +152,74 @@ def quantize_4bit(w: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4")
     return packed.reshape(-1, 1), absmax
 
 
+def non_finite_error(message: str, index: int | None = None, value: float | None = None,
+                     shape: tuple[int, ...] | None = None) -> Exception:
+    """nybble's NonFiniteError (a ValueError) for a NaN / Inf found by a torch path, with its
+    ``index`` / ``value`` and, given the input's shape, ``position``."""
+    from ..errors import NonFiniteError
+
+    err = NonFiniteError(message, index=index, value=value)
+    return err.locate(shape) if shape is not None else err
+
+
+def quantize_4bit_checked(w: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4"):
+    """:func:`quantize_4bit`, raising NonFiniteError (with ``.index``) on NaN / Inf."""
+    x = w.detach().reshape(-1)
+    if not bool(torch.isfinite(x).all()):
+        bad = int(torch.nonzero(~torch.isfinite(x))[0])
+        value = float(x[bad])
+        raise non_finite_error(f"input holds a non-finite value ({value}) at flat index {bad}; quantization needs "
+                               "finite numbers", bad, value, tuple(w.shape))
+    return quantize_4bit(w, blocksize, quant_type)
+
+
+def check_finite_absmax(absmax: torch.Tensor, blocksize: int) -> None:
+    """Raises NonFiniteError for the first block whose absmax is NaN / Inf (a kernel marks a
+    block holding a non-finite value that way)."""
+    if not bool(torch.isfinite(absmax).all()):
+        block = int(torch.nonzero(~torch.isfinite(absmax))[0])
+        raise non_finite_error(f"non-finite value in block {block} (elements {block * blocksize}..)")
+
+
+def nearest_code(code: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Index (uint8) of the nearest entry of an ascending table, ties to the lower index (the
+    core's rule for 8-bit codes)."""
+    right = torch.searchsorted(code, s, right=True)
+    idx = (right - 1).clamp(min=0)
+    nxt = (idx + 1).clamp(max=code.numel() - 1)
+    take_next = (idx + 1 < code.numel()) & ((s - code[nxt]).abs() < (s - code[idx]).abs())
+    return torch.where(take_next, nxt, idx).to(torch.uint8)
+
+
+def double_quantize(absmax: torch.Tensor, nested_code: torch.Tensor, nested_blocksize: int = 256):
+    """QLoRA's double quantization on absmax's device, as the core computes it: ``offset =
+    mean(absmax)`` (summed in float64, rounded to float32), then ``absmax - offset`` block-wise
+    8-bit with ``nested_code`` (the signed dynamic map). Returns ``(codes uint8, nested_absmax
+    float32, offset float32 0-d)``."""
+    check_blocksize(nested_blocksize)
+    a = absmax.detach().reshape(-1).to(torch.float32)
+    n = a.numel()
+    if n == 0:
+        return (torch.zeros(0, dtype=torch.uint8, device=a.device), torch.zeros(0, device=a.device),
+                torch.zeros((), device=a.device))
+    offset = (a.double().sum() / n).to(torch.float32)
+    centered = a - offset
+    nb = -(-n // nested_blocksize)
+    blocks = torch.nn.functional.pad(centered, (0, nb * nested_blocksize - n)).reshape(nb, nested_blocksize)
+    nested_absmax = blocks.abs().amax(dim=1)  # zero padding never raises a block maximum
+    scaled = blocks / nested_absmax.clamp_min(_MIN_ABSMAX)[:, None]
+    codes = nearest_code(nested_code.to(a.device, torch.float32), scaled).reshape(-1)[:n]
+    return codes, nested_absmax, offset
+
+
+def int8_dequantize_rows(q: torch.Tensor, row_absmax: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Row-wise int8 back to floats with bitsandbytes' rule (:func:`nybble.formats.int8_dequantize`,
+    float32), rounded once to ``dtype``."""
+    from ..formats import int8_dequantize
+
+    return int8_dequantize(q, row_absmax).to(dtype)
+
+
 def matmul_4bit(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -266,11 +334,13 @@ def int8_linear(
 ) -> torch.Tensor:
     """LLM.int8() linear layer: ``x @ W^T + bias`` with W stored row-wise int8 (``q_w`` (out,
     in), ``w_scale`` = row absmax, bitsandbytes' SCB). Outlier input columns of x are
-    multiplied in x's dtype against the dequantized matching columns of W and added back."""
+    multiplied against the dequantized matching columns of W and added back; everything is
+    accumulated in float32 and rounded once to x's dtype."""
     x2 = x.reshape(-1, x.shape[-1])
     q_x, row_absmax, cols = int8_vectorwise_quant(x2, threshold)
-    out = int8_matmul_dequant(q_x, q_w, row_absmax, w_scale, bias, x.dtype)
+    out = int8_matmul_dequant(q_x, q_w, row_absmax, w_scale, None, torch.float32)
     if cols.numel():
-        w_cols = (q_w[:, cols].float() * (w_scale.float()[:, None] / 127.0)).to(x.dtype)
-        out = out + torch.matmul(x2[:, cols], w_cols.t())
-    return out.reshape(*x.shape[:-1], q_w.shape[0])
+        out = out + torch.matmul(x2[:, cols].float(), int8_dequantize_rows(q_w[:, cols], w_scale).t())
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype).reshape(*x.shape[:-1], q_w.shape[0])

@@ -3,16 +3,26 @@ bitsandbytes / transformers checkpoints."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import torch
 from torch import nn
 
-from .. import kernels
+from .. import formats, kernels
 from ..codebooks import code_4bit
 
-_QUANT_STATE_KEY = "weight.quant_state.bitsandbytes__{}"
+# State-dict keys under the module's prefix (nybble.formats spells the layout).
+_WEIGHT = "weight"
+_ABSMAX, _QUANT_MAP = f"weight.{formats.ABSMAX}", f"weight.{formats.QUANT_MAP}"
+_NESTED_ABSMAX, _NESTED_QUANT_MAP = f"weight.{formats.NESTED_ABSMAX}", f"weight.{formats.NESTED_QUANT_MAP}"
+
+
+def _quant_state_key(quant_type: str) -> str:
+    return formats.quant_state_key(_WEIGHT, quant_type)
+
+
+def _storage_dtype(quant_storage) -> torch.dtype:
+    return getattr(torch, formats.quant_storage_name(quant_storage))
 
 
 def _f32_bits(t: torch.Tensor) -> torch.Tensor:
@@ -20,34 +30,16 @@ def _f32_bits(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(torch.float32).contiguous().view(torch.int32)
 
 
-class _Dequant4bitLinear(torch.autograd.Function):
-    """y = x W^T + b with W decoded on the fly. Backward decodes W again for dX instead of
-    keeping a dense copy alive between forward and backward; W and b are frozen."""
-
-    @staticmethod
-    def forward(ctx, x, module, bias):
-        ctx.module = module
-        if x.is_cuda:
-            # Small M takes the fused kernel that reads the packed weight once.
-            shape = (module.out_features, module.in_features)
-            return kernels.matmul_4bit(x, module.weight, module.float_absmax(), shape, module.blocksize,
-                                       module.quant_type, bias)
-        w = module.dequantized_weight(x.dtype)
-        return nn.functional.linear(x, w, bias)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            w = ctx.module.dequantized_weight(grad_out.dtype)
-            grad_x = grad_out @ w
-        return grad_x, None, None
+def _decode_dtype(dtype: torch.dtype) -> torch.dtype:
+    # 16/32-bit floats decode directly; others (float64) from the float32 decode.
+    return dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
 
 
 class Linear4bit(nn.Module):
     """A frozen Linear whose weight is stored block-wise in 4 bits.
 
-    State-dict keys follow bitsandbytes: ``weight`` (packed uint8), ``weight.absmax``,
+    State-dict keys follow bitsandbytes (:mod:`nybble.formats`): ``weight`` (packed uint8, or
+    the same bytes as the ``quant_storage`` dtype), ``weight.absmax``,
     ``weight.quant_map``, ``weight.nested_absmax``, ``weight.nested_quant_map`` and
     ``weight.quant_state.bitsandbytes__nf4`` (JSON), so checkpoints written by
     transformers + bitsandbytes load directly.
@@ -64,20 +56,26 @@ class Linear4bit(nn.Module):
         compute_dtype: torch.dtype | None = None,
         weight_dtype: torch.dtype = torch.float32,
         device=None,
+        quant_storage: torch.dtype = torch.uint8,
     ):
         super().__init__()
-        if quant_type not in ("nf4", "fp4"):
+        if quant_type not in formats.QUANT_TYPES:
             raise ValueError(f"quant_type {quant_type!r} is not 'nf4' or 'fp4'")
+        # bitsandbytes' quant_storage: the packed bytes as uint8, or viewed as bf16 / fp16 / fp32
+        # (for FSDP); ``weight`` is that stored tensor, ``packed_uint8()`` its bytes.
+        self.quant_storage = _storage_dtype(quant_storage)
         self.in_features, self.out_features = in_features, out_features
         self.quant_type, self.blocksize, self.double_quant = quant_type, blocksize, double_quant
         self.compute_dtype = compute_dtype
         self.weight_dtype = weight_dtype  # dtype of the original weight (quant_state "dtype")
         n = in_features * out_features
         nblocks = math.ceil(n / blocksize)
-        self.register_buffer("weight", torch.zeros(((n + 1) // 2, 1), dtype=torch.uint8, device=device))
+        shape = formats.packed_shape(n, self.quant_storage)
+        self.register_buffer("weight", torch.zeros(shape, dtype=self.quant_storage, device=device))
         if double_quant:
             self.register_buffer("absmax_codes", torch.zeros(nblocks, dtype=torch.uint8, device=device))
-            self.register_buffer("nested_absmax_bits", torch.zeros(math.ceil(nblocks / 256), dtype=torch.int32, device=device))
+            nested = math.ceil(nblocks / formats.NESTED_BLOCKSIZE)
+            self.register_buffer("nested_absmax_bits", torch.zeros(nested, dtype=torch.int32, device=device))
             self.register_buffer("nested_code_bits", torch.zeros(256, dtype=torch.int32, device=device))
             self.register_buffer("offset_bits", torch.zeros((), dtype=torch.int32, device=device))
             self.absmax_bits = None
@@ -97,6 +95,7 @@ class Linear4bit(nn.Module):
         blocksize: int = 64,
         double_quant: bool = True,
         compute_dtype: torch.dtype | None = None,
+        quant_storage: torch.dtype = torch.uint8,
     ) -> "Linear4bit":
         w = linear.weight.detach()
         m = cls(
@@ -109,6 +108,7 @@ class Linear4bit(nn.Module):
             compute_dtype=compute_dtype,
             weight_dtype=w.dtype if w.dtype in (torch.float16, torch.bfloat16) else torch.float32,
             device=w.device,
+            quant_storage=quant_storage,
         )
         m.set_weight(w)
         if linear.bias is not None:
@@ -121,42 +121,63 @@ class Linear4bit(nn.Module):
         if tuple(w.shape) != (self.out_features, self.in_features):
             raise ValueError(f"weight shape {tuple(w.shape)} != ({self.out_features}, {self.in_features})")
         packed, absmax = kernels.quantize_4bit(w, self.blocksize, self.quant_type)
-        self.weight = packed.to(self.weight.device)
+        self.weight = formats.packed_as_storage(packed, self.quant_storage).to(self.weight.device)
         if self.double_quant:
             codes, nested = kernels.double_quantize(absmax)
             self.absmax_codes = codes.to(self.weight.device)
             self.nested_absmax_bits = _f32_bits(nested["nested_absmax"]).to(self.weight.device)
             self.nested_code_bits = _f32_bits(nested["nested_code"]).to(self.weight.device)
-            self.offset_bits = _f32_bits(torch.tensor(nested["offset"])).to(self.weight.device)
+            self.offset_bits = _f32_bits(nested["offset"].reshape(())).to(self.weight.device)
         else:
             self.absmax_bits = _f32_bits(absmax).to(self.weight.device)
 
     # ------------------------------------------------------------------ decoding
 
-    def float_absmax(self) -> torch.Tensor:
+    def packed_uint8(self) -> torch.Tensor:
+        """The packed codes as uint8 ((n+1)//2, 1), whatever the storage dtype (a view)."""
+        return self.weight.view(torch.uint8).reshape(-1, 1)
+
+    def _absmax_args(self) -> tuple:
+        """(absmax or its DQ codes, nested_absmax, nested_code, offset): what the compute
+        path decodes per call. The offset stays a tensor on the module's device: no host sync."""
         if not self.double_quant:
-            return self.absmax_bits.view(torch.float32)
-        # The offset stays a tensor on the module's device: no host sync per forward.
-        return kernels.decode_absmax(self.absmax_codes, self.nested_absmax_bits.view(torch.float32),
-                                     self.nested_code_bits.view(torch.float32), self.offset_bits.view(torch.float32),
-                                     256)
+            return self.absmax_bits.view(torch.float32), None, None, None
+        return (self.absmax_codes, self.nested_absmax_bits.view(torch.float32),
+                self.nested_code_bits.view(torch.float32), self.offset_bits.view(torch.float32))
+
+    def float_absmax(self) -> torch.Tensor:
+        absmax, nested_absmax, nested_code, offset = self._absmax_args()
+        if nested_absmax is None:
+            return absmax
+        return kernels.decode_absmax(absmax, nested_absmax, nested_code, offset, 256)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dense (out, in) weight in ``dtype`` (default: the compute dtype)."""
+        """The dense (out, in) weight in ``dtype`` (default: the compute dtype). The module's W
+        is the float32 decode (bitsandbytes' arithmetic); other dtypes are cast from it."""
         dtype = dtype or self.compute_dtype or self.weight_dtype
-        decode_dtype = dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
-        w = kernels.dequantize_4bit(
-            self.weight, self.float_absmax(), (self.out_features, self.in_features),
-            self.blocksize, self.quant_type, decode_dtype,
-        )
+        w = kernels.dequantize_4bit(self.packed_uint8(), self.float_absmax(), (self.out_features, self.in_features),
+                                    self.blocksize, self.quant_type, _decode_dtype(dtype))
         return w.to(dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def compute(self, x: torch.Tensor, lora=None) -> torch.Tensor:
+        """``x W^T + bias`` (plus ``lora = (A, B, scale, x_lora)``'s term) through the one
+        4-bit autograd path; x is cast to the compute dtype and the result back to x's dtype."""
         in_dtype = x.dtype
         if self.compute_dtype is not None:
             x = x.to(self.compute_dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return _Dequant4bitLinear.apply(x, self, bias).to(in_dtype)
+        absmax, nested_absmax, nested_code, offset = self._absmax_args()
+        a = b = x_lora = None
+        scale = 1.0
+        if lora is not None:
+            a, b, scale, x_lora = lora
+        return kernels.linear_4bit(x, self.packed_uint8(), absmax, (self.out_features, self.in_features),
+                                   self.blocksize, self.quant_type, bias, nested_absmax=nested_absmax,
+                                   nested_code=nested_code, offset=offset, lora_a=a, lora_b=b, scale=scale,
+                                   x_lora=x_lora, out_dtype=in_dtype, decode_dtype=_decode_dtype(x.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.compute(x)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -165,75 +186,90 @@ class Linear4bit(nn.Module):
     # ------------------------------------------------------------------ state dict (bnb layout)
 
     def quant_state_json(self) -> dict:
-        d = {
-            "quant_type": self.quant_type,
-            "blocksize": self.blocksize,
-            "dtype": str(self.weight_dtype).replace("torch.", ""),
-            "shape": [self.out_features, self.in_features],
-        }
-        if self.double_quant:
-            d.update(nested_blocksize=256, nested_dtype="float32",
-                     nested_offset=float(self.offset_bits.view(torch.float32)))
-        return d
+        """The quant_state fields (bitsandbytes' ``QuantState.as_dict`` non-tensor part)."""
+        offset = float(self.offset_bits.view(torch.float32)) if self.double_quant else None
+        return formats.quant_state_dict(self.quant_type, self.blocksize, str(self.weight_dtype),
+                                        (self.out_features, self.in_features), offset)
+
+    def _apply(self, fn, recurse=True):
+        # module.to(dtype) / .half() cast floating buffers; a bf16 / fp16 / fp32 quant_storage
+        # holds packed codes, not numbers, so it moves (device) as its bytes and never casts.
+        storage = self.weight.dtype
+        if storage == torch.uint8:
+            return super()._apply(fn, recurse)
+        self.weight = self.weight.view(torch.uint8)
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            self.weight = self.weight.view(storage)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
-        destination[prefix + "weight"] = self.weight.detach()
+        destination[prefix + _WEIGHT] = self.weight.detach()  # in its quant_storage dtype
         if self.double_quant:
-            destination[prefix + "weight.absmax"] = self.absmax_codes.detach()
-            destination[prefix + "weight.nested_absmax"] = self.nested_absmax_bits.view(torch.float32).detach()
-            destination[prefix + "weight.nested_quant_map"] = self.nested_code_bits.view(torch.float32).detach()
+            destination[prefix + _ABSMAX] = self.absmax_codes.detach()
+            destination[prefix + _NESTED_ABSMAX] = self.nested_absmax_bits.view(torch.float32).detach()
+            destination[prefix + _NESTED_QUANT_MAP] = self.nested_code_bits.view(torch.float32).detach()
         else:
-            destination[prefix + "weight.absmax"] = self.absmax_bits.view(torch.float32).detach()
-        destination[prefix + "weight.quant_map"] = self.quant_map_bits.view(torch.float32).detach()
-        blob = json.dumps(self.quant_state_json()).encode()
-        destination[prefix + _QUANT_STATE_KEY.format(self.quant_type)] = torch.frombuffer(
+            destination[prefix + _ABSMAX] = self.absmax_bits.view(torch.float32).detach()
+        destination[prefix + _QUANT_MAP] = self.quant_map_bits.view(torch.float32).detach()
+        blob = formats.encode_quant_state(self.quant_state_json())
+        destination[prefix + _quant_state_key(self.quant_type)] = torch.frombuffer(
             bytearray(blob), dtype=torch.uint8
         ).to(self.weight.device)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        key = prefix + _QUANT_STATE_KEY.format(self.quant_type)
-        other = prefix + _QUANT_STATE_KEY.format("fp4" if self.quant_type == "nf4" else "nf4")
-        if other in state_dict:
-            error_msgs.append(f"{prefix}weight: checkpoint is {'fp4' if self.quant_type == 'nf4' else 'nf4'}, module is {self.quant_type}")
+        key = prefix + _quant_state_key(self.quant_type)
+        other_type = "fp4" if self.quant_type == "nf4" else "nf4"
+        if prefix + _quant_state_key(other_type) in state_dict:
+            error_msgs.append(f"{prefix}weight: checkpoint is {other_type}, module is {self.quant_type}")
             return
-        needed = [prefix + "weight", prefix + "weight.absmax", key]
+        needed = [prefix + _WEIGHT, prefix + _ABSMAX, key]
         absent = [k for k in needed if k not in state_dict]
         if absent:
             missing_keys.extend(absent)
             return
-        qs = json.loads(bytes(state_dict[key].cpu().numpy().tobytes()).decode())
-        if list(qs["shape"]) != [self.out_features, self.in_features] or int(qs["blocksize"]) != self.blocksize:
-            error_msgs.append(f"{prefix}weight: checkpoint shape {qs['shape']} blocksize {qs['blocksize']} "
+        try:
+            qs = formats.parse_quant_state(formats.decode_quant_state(state_dict[key]), self.quant_type)
+        except ValueError as err:
+            error_msgs.append(f"{key}: {err}")
+            return
+        if list(qs.shape) != [self.out_features, self.in_features] or qs.blocksize != self.blocksize:
+            error_msgs.append(f"{prefix}weight: checkpoint shape {list(qs.shape)} blocksize {qs.blocksize} "
                               f"!= module ({self.out_features}, {self.in_features}) blocksize {self.blocksize}")
             return
-        dq = "nested_blocksize" in qs
-        if dq != self.double_quant:
-            error_msgs.append(f"{prefix}weight: checkpoint double_quant={dq}, module double_quant={self.double_quant}")
+        if qs.double_quant != self.double_quant:
+            error_msgs.append(f"{prefix}weight: checkpoint double_quant={qs.double_quant}, "
+                              f"module double_quant={self.double_quant}")
             return
         dev = self.weight.device
 
         def take(name):
             return state_dict[prefix + name].to(dev)
 
-        self.weight = take("weight").view(torch.uint8).reshape(-1, 1).contiguous()
-        self.weight_dtype = getattr(torch, qs.get("dtype", "float32"))
-        if dq:
-            self.absmax_codes = take("weight.absmax").to(torch.uint8).contiguous()
-            self.nested_absmax_bits = _f32_bits(take("weight.nested_absmax"))
-            self.nested_code_bits = _f32_bits(take("weight.nested_quant_map"))
-            self.offset_bits = _f32_bits(torch.tensor(float(qs["nested_offset"]), device=dev))
+        # The stored bytes, whatever their quant_storage, viewed as this module's storage.
+        packed = formats.packed_as_uint8(take(_WEIGHT))
+        if packed.numel() != formats.packed_nbytes(qs.numel):
+            error_msgs.append(f"{prefix}weight: {packed.numel()} packed bytes, expected "
+                              f"{formats.packed_nbytes(qs.numel)} for shape {list(qs.shape)}")
+            return
+        self.weight = formats.packed_as_storage(packed.contiguous(), self.quant_storage)
+        self.weight_dtype = getattr(torch, qs.dtype)
+        if qs.double_quant:
+            self.absmax_codes = take(_ABSMAX).to(torch.uint8).contiguous()
+            self.nested_absmax_bits = _f32_bits(take(_NESTED_ABSMAX))
+            self.nested_code_bits = _f32_bits(take(_NESTED_QUANT_MAP))
+            self.offset_bits = _f32_bits(torch.tensor(qs.nested_offset, device=dev))
         else:
-            self.absmax_bits = _f32_bits(take("weight.absmax"))
-        if prefix + "weight.quant_map" in state_dict:
-            self.quant_map_bits = _f32_bits(take("weight.quant_map"))
+            self.absmax_bits = _f32_bits(take(_ABSMAX))
+        if prefix + _QUANT_MAP in state_dict:
+            self.quant_map_bits = _f32_bits(take(_QUANT_MAP))
         if self.bias is not None:
             if prefix + "bias" in state_dict:
                 self.bias = nn.Parameter(take("bias").detach().clone(), requires_grad=False)
             else:
                 missing_keys.append(prefix + "bias")
-        known = {prefix + k for k in ("weight", "bias", "weight.absmax", "weight.quant_map",
-                                      "weight.nested_absmax", "weight.nested_quant_map")} | {key}
+        known = {prefix + k for k in (_WEIGHT, "bias", _ABSMAX, _QUANT_MAP, _NESTED_ABSMAX, _NESTED_QUANT_MAP)} | {key}
         # The module has no children: any other key under its prefix is not ours.
         unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in known)

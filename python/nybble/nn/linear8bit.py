@@ -6,35 +6,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import kernels
+from .. import formats, kernels
 
-
-class _Int8Linear(torch.autograd.Function):
-    """Forward: vector-wise int8 matmul plus 16-bit outlier columns. Backward: dX through the
-    int8 weight decoded on the fly (no dense copy kept between forward and backward)."""
-
-    @staticmethod
-    def forward(ctx, x2d, module, bias):
-        w_q, scb = module.weight, module.SCB
-        q, row_absmax, outlier_cols = kernels.int8_vectorwise_quant(x2d, module.threshold)
-        acc = kernels.int8_matmul(q, w_q)
-        # acc * (row scale of X) * (row scale of W) / 127^2, in float32.
-        out = acc.float() * (row_absmax.float()[:, None] * scb[None, :] / (127.0 * 127.0))
-        if outlier_cols.numel():
-            cols = outlier_cols.to(x2d.device)
-            w_cols = w_q[:, cols].float() * (scb[:, None] / 127.0)
-            out = out + x2d[:, cols].float() @ w_cols.t()
-        if bias is not None:
-            out = out + bias.float()
-        ctx.module = module
-        return out.to(x2d.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ ctx.module.dequantized_weight(grad_out.dtype)
-        return grad_x, None, None
+# State-dict keys under the module's prefix (nybble.formats spells the layout).
+_SCB, _WEIGHT_FORMAT = formats.SCB, formats.WEIGHT_FORMAT
 
 
 class Linear8bitLt(nn.Module):
@@ -70,14 +45,22 @@ class Linear8bitLt(nn.Module):
         self.scb_bits = scb.float().contiguous().view(torch.int32).to(self.weight.device)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return (self.weight.float() * (self.SCB[:, None] / 127.0)).to(dtype)
+        """The dense (out, in) weight: bitsandbytes' ``int8_vectorwise_dequant`` rule in
+        float32 (:func:`nybble.formats.int8_dequantize`), then cast to ``dtype``."""
+        return formats.int8_dequantize(self.weight, self.SCB).to(dtype)
+
+    def compute(self, x: torch.Tensor, lora=None) -> torch.Tensor:
+        """``x W^T + bias`` (plus ``lora = (A, B, scale, x_lora)``'s term) through the one
+        LLM.int8() autograd path."""
+        a = b = x_lora = None
+        scale = 1.0
+        if lora is not None:
+            a, b, scale, x_lora = lora
+        return kernels.linear_8bit(x, self.weight, self.SCB, self.bias, self.threshold, lora_a=a, lora_b=b,
+                                   scale=scale, x_lora=x_lora)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2d = x.reshape(-1, shape[-1])
-        bias = None if self.bias is None else self.bias
-        out = _Int8Linear.apply(x2d, self, bias)
-        return out.reshape(*shape[:-1], self.out_features)
+        return self.compute(x)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -87,31 +70,31 @@ class Linear8bitLt(nn.Module):
         destination[prefix + "weight"] = self.weight.detach()
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
-        destination[prefix + "SCB"] = self.SCB.detach()
-        destination[prefix + "weight_format"] = torch.tensor(0, dtype=torch.uint8)
+        destination[prefix + _SCB] = self.SCB.detach()
+        destination[prefix + _WEIGHT_FORMAT] = torch.tensor(formats.WEIGHT_FORMAT_ROW, dtype=torch.uint8)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        for k in ("weight", "SCB"):
+        for k in ("weight", _SCB):
             if prefix + k not in state_dict:
                 missing_keys.append(prefix + k)
-        if any(prefix + k not in state_dict for k in ("weight", "SCB")):
+        if any(prefix + k not in state_dict for k in ("weight", _SCB)):
             return
         w = state_dict[prefix + "weight"]
         if w.dtype != torch.int8 or tuple(w.shape) != (self.out_features, self.in_features):
             error_msgs.append(f"{prefix}weight: expected int8 ({self.out_features}, {self.in_features}), "
                               f"got {w.dtype} {tuple(w.shape)}")
             return
-        fmt = state_dict.get(prefix + "weight_format")
-        if fmt is not None and int(fmt) != 0:
-            error_msgs.append(f"{prefix}weight_format {int(fmt)} is not row-major (0)")
+        fmt = state_dict.get(prefix + _WEIGHT_FORMAT)
+        if fmt is not None and int(fmt) != formats.WEIGHT_FORMAT_ROW:
+            error_msgs.append(f"{prefix}weight_format {int(fmt)} is not row-major ({formats.WEIGHT_FORMAT_ROW})")
             return
         dev = self.weight.device
         self.weight = w.to(dev).contiguous()
-        self.scb_bits = state_dict[prefix + "SCB"].to(dev).float().contiguous().view(torch.int32)
+        self.scb_bits = state_dict[prefix + _SCB].to(dev).float().contiguous().view(torch.int32)
         if self.bias is not None:
             if prefix + "bias" in state_dict:
                 self.bias = nn.Parameter(state_dict[prefix + "bias"].to(dev).clone(), requires_grad=False)
             else:
                 missing_keys.append(prefix + "bias")
-        known = {prefix + k for k in ("weight", "bias", "SCB", "weight_format")}
+        known = {prefix + k for k in ("weight", "bias", _SCB, _WEIGHT_FORMAT)}
         unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in known)

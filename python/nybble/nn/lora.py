@@ -60,14 +60,20 @@ class LoraLinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
         if self.disabled:
-            return out
+            return self.base_layer(x)
         a, b = self.lora_A.weight, self.lora_B.weight
         # Mixed precision as torch.autocast does it: float32 master weights, matmuls in the
         # activations' 16-bit dtype (bf16 compute on the GPU); float32 inputs stay float32.
         dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else a.dtype
-        h = self.lora_dropout(x).to(dtype)
+        h = self.lora_dropout(x)
+        x_lora = None if (h is x and dtype == x.dtype) else h.to(dtype)
+        compute = getattr(self.base_layer, "compute", None)
+        if compute is not None:
+            # A quantized base: base and adapter in one autograd Function (the fused QLoRA path).
+            return compute(x, (a.to(dtype), b.to(dtype), self.scaling, x_lora))
+        out = self.base_layer(x)
+        h = h.to(dtype)
         delta = nn.functional.linear(nn.functional.linear(h, a.to(dtype)), b.to(dtype)) * self.scaling
         return out + delta.to(out.dtype)
 

@@ -17,21 +17,12 @@ from collections.abc import Iterable
 
 import torch
 
-from .. import _core
 from ..kernels import optim as kopt
-from ..kernels._cpu import np_view
+from ..kernels.ops import dynamic_map
 from . import paged as _paged
 
 STATE_BLOCKSIZE = kopt.STATE_BLOCKSIZE
 _CORE_DTYPE = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-_CODES: dict[tuple[bool, torch.device], torch.Tensor] = {}
-
-
-def _code(signed: bool, device: torch.device) -> torch.Tensor:
-    key = (signed, device)
-    if key not in _CODES:
-        _CODES[key] = torch.from_numpy(_core.dynamic_map(signed)).to(device)
-    return _CODES[key]
 
 
 _NO_MANAGED_WARNED = False
@@ -145,15 +136,15 @@ class AdamW(torch.optim.Optimizer):
             finite = [torch.isfinite(g).all() for _, g in grads]
             finite = torch.stack([f.to(finite[0].device) for f in finite])
             if not bool(finite.all()):
-                from .._core import NonFiniteError
+                from ..errors import NonFiniteError
 
                 i, g = grads[int((~finite).nonzero()[0])]
                 flat = g.detach().reshape(-1)
                 j = int((~torch.isfinite(flat)).nonzero()[0])
                 raise NonFiniteError(
                     f"gradient of parameter {i} (shape {tuple(params[i].shape)}) holds {float(flat[j])} at flat "
-                    f"index {j}; no parameter was updated"
-                )
+                    f"index {j}; no parameter was updated", index=j, value=float(flat[j])
+                ).locate(tuple(params[i].shape))
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -177,38 +168,25 @@ class AdamW(torch.optim.Optimizer):
         if bufs[0].device != p.device:
             # States kept on the host (paged fallback): update a host copy, then write it back.
             p_host, g_host = p.detach().to("cpu", copy=True).contiguous(), g.detach().to("cpu").contiguous()
-            self._update_cpu(p_host, g_host, bufs, eight, step, lr, beta1, beta2, eps, wd)
+            self._step_op(p_host, g_host, bufs, eight, step, lr, beta1, beta2, eps, wd)
             p.copy_(p_host.view_as(p))
             return
-        if p.is_cuda:
-            if self.paged:
-                _paged.prefetch(bufs, p.device)
-            c = kopt.adamw_constants(lr, beta1, beta2, eps, wd, step)
-            pc = p.data if p.is_contiguous() else p.data.contiguous()
-            gc = g.to(p.dtype).contiguous()
-            if eight:
-                kopt.adamw_8bit_cuda(pc.view(-1), gc.view(-1), *bufs, _code(True, p.device), _code(False, p.device), c)
-            else:
-                kopt.adamw_32bit_cuda(pc.view(-1), gc.view(-1), *bufs, c)
-            if pc.data_ptr() != p.data_ptr():
-                p.copy_(pc)
-            return
+        if p.is_cuda and self.paged:
+            _paged.prefetch(bufs, p.device)
         pc = p.data if p.is_contiguous() else p.data.contiguous()
-        self._update_cpu(pc, g.to(p.dtype).contiguous(), bufs, eight, step, lr, beta1, beta2, eps, wd)
+        self._step_op(pc, g.to(p.dtype).contiguous(), bufs, eight, step, lr, beta1, beta2, eps, wd)
         if pc.data_ptr() != p.data_ptr():
             p.copy_(pc)
 
-    def _update_cpu(self, p, g, bufs, eight, step, lr, beta1, beta2, eps, wd) -> None:
-        dt = _CORE_DTYPE[p.dtype]
-        pv, gv = np_view(p), np_view(g)
-        hp = (step, float(lr), float(beta1), float(beta2), float(eps), float(wd))
+    def _step_op(self, p, g, bufs, eight, step, lr, beta1, beta2, eps, wd) -> None:
+        """One fused step through the ``nybble::adamw_8bit`` / ``adamw_32bit`` op (the Rust core
+        on CPU tensors, the CUDA kernel on GPU ones, the torch reference under NYBBLE_KERNELS=torch)."""
+        hp = (float(lr), float(beta1), float(beta2), float(eps), float(wd), int(step), self.threads)
         if eight:
-            s1, s2, a1, a2 = (b.numpy() for b in bufs)
-            _core.adamw_step_8bit(pv, gv, dt, s1, s2, a1, a2, _core.dynamic_map(True), _core.dynamic_map(False),
-                                  STATE_BLOCKSIZE, *hp, threads=self.threads)
+            torch.ops.nybble.adamw_8bit(p.view(-1), g.view(-1), *bufs, dynamic_map(True, p.device),
+                                        dynamic_map(False, p.device), *hp)
         else:
-            m, v = (b.numpy() for b in bufs)
-            _core.adamw_step_32bit(pv, gv, dt, m, v, *hp, threads=self.threads)
+            torch.ops.nybble.adamw_32bit(p.view(-1), g.view(-1), *bufs, *hp)
 
     # ------------------------------------------------------------------ state dict
 

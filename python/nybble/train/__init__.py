@@ -43,17 +43,50 @@ What FSDP would need (not implemented)
   recompute in backward) and a ``state_dict`` hook that gathers to the bitsandbytes layout.
 """
 
-from .data import DataError, collate, load_jsonl, tokenize
-from .memory import MemoryReport, dq_bits_per_param, measure, paper_estimate, weight_bits_per_param
-from .trainer import (
-    FinetuneConfig,
-    FinetuneResult,
-    NonFiniteGradientError,
-    TrainingInterrupted,
-    finetune,
-    latest_checkpoint,
-    load_model,
-)
+from __future__ import annotations
+
+import importlib
+
+from .config import FinetuneConfig
+
+# Everything but the config is loaded on first use: torch and transformers are optional, and
+# the command line reads FinetuneConfig's defaults without them.
+_LAZY = {
+    "DataError": "data",
+    "collate": "data",
+    "load_jsonl": "data",
+    "tokenize": "data",
+    "MemoryReport": "memory",
+    "dq_bits_per_param": "memory",
+    "measure": "memory",
+    "paper_estimate": "memory",
+    "weight_bits_per_param": "memory",
+    "FinetuneResult": "trainer",
+    "NonFiniteGradientError": "trainer",
+    "TrainingInterrupted": "trainer",
+    "finetune": "trainer",
+    "latest_checkpoint": "trainer",
+    "load_model": "trainer",
+}
+
+#: Submodules that ``import nybble.train`` used to load eagerly, still reachable as attributes.
+_SUBMODULES = ("data", "memory", "trainer")
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
+
 
 __all__ = [
     "DataError",

@@ -1,4 +1,19 @@
-"""The QLoRA fine-tuning loop behind ``nybble finetune``."""
+"""The QLoRA fine-tuning loop behind ``nybble finetune``.
+
+One call of :func:`finetune` is one :class:`TrainingRun`, in four parts:
+
+- **setup** (:meth:`TrainingRun.setup`): processes (torchrun / DDP), device, dtype, seeds,
+  data and the number of steps, the quantized model with its adapters, the optimizer, the
+  schedule and (fp16) the gradient scaler;
+- **resume** (:meth:`TrainingRun.resume`): find a checkpoint, check it fits this run, restore
+  the adapters, optimizer, schedule, scaler and RNG state;
+- **step** (:meth:`TrainingRun.optimizer_step`): one optimizer step over ``grad_accum``
+  micro-batches: the loss, backward, clipping, the step or its skip on non-finite values;
+- **save** (:meth:`TrainingRun.save_checkpoint`, :meth:`TrainingRun.save_final`):
+  checkpoints, the final adapter.
+
+:class:`CheckpointPaths` is the one place that names a checkpoint's folder and files.
+"""
 
 from __future__ import annotations
 
@@ -20,48 +35,35 @@ import torch
 
 from . import data as _data
 from . import memory as _memory
+from .config import DTYPES, OPTIMIZERS, QUANT_METHODS, SCHEDULES, FinetuneConfig, config_defaults
 
-OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_32bit", "adamw_8bit")
-SCHEDULES = ("constant", "linear", "cosine")
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-
-
-@dataclass
-class FinetuneConfig:
-    """QLoRA paper defaults (Dettmers et al., 2023): NF4 + double quant, r=64, alpha=16 on
-    all linear layers, paged AdamW, lr 2e-4, max grad norm 0.3, constant schedule with 3%
-    warmup, gradient checkpointing, bf16 compute on the GPU (float32 on the CPU)."""
-
-    model_dir: str
-    data: str
-    output_dir: str
-    quant: str = "nf4"
-    double_quant: bool = True
-    blocksize: int = 64
-    r: int = 64
-    alpha: float = 16.0
-    dropout: float = 0.05
-    target_modules: str | list[str] = "all-linear"
-    optim: str = "paged_adamw_32bit"
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    max_grad_norm: float = 0.3
-    warmup_ratio: float = 0.03
-    schedule: str = "constant"
-    batch_size: int = 4
-    grad_accum: int = 4
-    epochs: float = 1.0
-    max_steps: int | None = None
-    max_length: int = 512
-    gradient_checkpointing: bool = True
-    dtype: str = "auto"
-    device: str = "auto"
-    save_steps: int = 0
-    resume: str | None = None
-    seed: int = 42
-    log_every: int = 10
-    progress: bool = True
+__all__ = [
+    "DTYPES",
+    "MAX_NON_FINITE_STEPS",
+    "OPTIMIZERS",
+    "QUANT_METHODS",
+    "RESUME_MUST_MATCH",
+    "SCHEDULES",
+    "CheckpointPaths",
+    "FinetuneConfig",
+    "FinetuneResult",
+    "NonFiniteGradientError",
+    "TrainingInterrupted",
+    "TrainingRun",
+    "config_defaults",
+    "dist_info",
+    "enable_gradient_checkpointing",
+    "find_checkpoint",
+    "finetune",
+    "latest_checkpoint",
+    "load_model",
+    "make_optimizer",
+    "make_schedule",
+    "resolve_device",
+    "resolve_dtype",
+    "save_checkpoint",
+    "token_loss_sum",
+]
 
 
 @dataclass
@@ -173,14 +175,74 @@ def make_schedule(optimizer, schedule: str, total_steps: int, warmup_ratio: floa
 
 # ---------------------------------------------------------------------- checkpoints
 
+#: A checkpoint folder's name: ``checkpoint-`` and the optimizer steps done (written 6 digits wide).
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+#: ``--resume`` values that mean the newest complete checkpoint in the output folder.
+RESUME_LATEST = ("latest", "auto", "")
+
+
+@dataclass(frozen=True)
+class CheckpointPaths:
+    """The one place that names a checkpoint's folder and the files inside it.
+
+    ``OUTPUT_DIR/checkpoint-NNNNNN/`` (NNNNNN: the optimizer steps done) holds the adapter in
+    PEFT format and ``optimizer.pt`` (optimizer, schedule and gradient-scaler states), both
+    written by rank 0, one ``rng_rank{R}.pt`` per rank, and ``trainer_state.json`` (step, world
+    size, config), written last by rank 0 through ``.trainer_state.json.tmp``: a folder
+    without it (an interrupted save) is never taken for a checkpoint."""
+
+    folder: Path
+
+    @classmethod
+    def at_step(cls, output_dir: str | os.PathLike, step: int) -> CheckpointPaths:
+        return cls(Path(output_dir) / f"checkpoint-{step:06d}")
+
+    @staticmethod
+    def step_of(folder: str | os.PathLike) -> int | None:
+        """The step in a checkpoint folder's name; None for any other name."""
+        m = CHECKPOINT_RE.match(Path(folder).name)
+        return int(m.group(1)) if m else None
+
+    @property
+    def adapter(self) -> Path:
+        """Where ``save_adapter`` / ``load_adapter`` write and read the adapter files."""
+        return self.folder
+
+    @property
+    def optimizer(self) -> Path:
+        return self.folder / "optimizer.pt"
+
+    def rng(self, rank: int) -> Path:
+        return self.folder / f"rng_rank{rank}.pt"
+
+    @property
+    def trainer_state(self) -> Path:
+        return self.folder / "trainer_state.json"
+
+    @property
+    def trainer_state_tmp(self) -> Path:
+        return self.folder / ".trainer_state.json.tmp"
+
+    def is_complete(self) -> bool:
+        return self.trainer_state.is_file()
+
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The complete checkpoint folder of ``output_dir`` with the most steps, or None."""
     out = Path(output_dir)
     if not out.is_dir():
         return None
-    found = [(int(m.group(1)), p) for p in out.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()
-             and (p / "trainer_state.json").is_file()]
+    found = [(step, p) for p in out.iterdir() if (step := CheckpointPaths.step_of(p)) is not None and p.is_dir()
+             and CheckpointPaths(p).is_complete()]
     return max(found)[1] if found else None
+
+
+def find_checkpoint(resume: str, output_dir: str | os.PathLike) -> Path:
+    """The checkpoint folder ``--resume`` names: a folder, or the latest of ``output_dir``."""
+    ckpt = latest_checkpoint(output_dir) if resume in RESUME_LATEST else Path(resume)
+    if ckpt is None:
+        raise FileNotFoundError(f"--resume: no checkpoint-* folder in {output_dir}")
+    return ckpt
 
 
 def _rng_state() -> dict:
@@ -198,28 +260,36 @@ def _set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, config: FinetuneConfig, rank: int,
-                    world: int, scaler=None) -> None:
+def save_checkpoint(path: Path | CheckpointPaths, model, optimizer, scheduler, step: int, config: FinetuneConfig,
+                    rank: int, world: int, scaler=None) -> None:
     """Adapter (PEFT format) + optimizer + scheduler + step (rank 0), RNG state (every rank)."""
     from ..model import save_adapter
 
-    path.mkdir(parents=True, exist_ok=True)
+    paths = path if isinstance(path, CheckpointPaths) else CheckpointPaths(Path(path))
+    paths.folder.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        save_adapter(model, path, base_model_name_or_path=str(config.model_dir))
+        save_adapter(model, paths.adapter, base_model_name_or_path=str(config.model_dir))
         opt_state = optimizer.state_dict()
         opt_state = {**opt_state, "state": {k: {kk: (vv.cpu() if torch.is_tensor(vv) else vv) for kk, vv in v.items()}
                                             for k, v in opt_state["state"].items()}}
         torch.save({"optimizer": opt_state, "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None}, path / "optimizer.pt")
-    torch.save(_rng_state(), path / f"rng_rank{rank}.pt")
+                    "scaler": scaler.state_dict() if scaler is not None else None}, paths.optimizer)
+    torch.save(_rng_state(), paths.rng(rank))
     _barrier(world)
     if rank == 0:
         # Written last and renamed into place: a folder without it (an interrupted save) is
         # never taken for a checkpoint.
-        tmp = path / ".trainer_state.json.tmp"
+        tmp = paths.trainer_state_tmp
         tmp.write_text(json.dumps({"step": step, "world_size": world, "config": asdict(config)}, indent=2) + "\n")
-        os.replace(tmp, path / "trainer_state.json")
+        os.replace(tmp, paths.trainer_state)
 
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+# ---------------------------------------------------------------------- resume checks
 
 #: Settings a resumed run must share with its checkpoint: they fix the data order and
 #: position, and the shape of the adapters and optimizer states.
@@ -263,10 +333,6 @@ def _apply_hyperparameters(optimizer, scheduler, config: FinetuneConfig, say) ->
     if changed:
         say("resume with new hyper-parameters: " + ", ".join(changed))
 
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        torch.distributed.barrier()
 
 
 # ---------------------------------------------------------------------- data order
@@ -364,230 +430,335 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                                              ignore_index=_data.IGNORE_INDEX, reduction="sum")
 
 
-# ---------------------------------------------------------------------- the loop
+# ---------------------------------------------------------------------- the run
+
+
+@dataclass
+class _StepStats:
+    """What one optimizer step reports: its loss (mean over its label tokens), the tokens it
+    read (attention mask, all ranks) and the learning rate it used."""
+
+    loss: float
+    tokens: int
+    lr: float
+
+
+class TrainingRun:
+    """One fine-tuning run (one call of :func:`finetune`): :meth:`setup`, :meth:`resume`,
+    then :meth:`train` (:meth:`optimizer_step` per step, checkpoints on the way), then
+    :meth:`save_final` and :meth:`report`. Under DDP every rank runs one."""
+
+    def __init__(self, config: FinetuneConfig, log: Callable[[str], None] = print):
+        self.config = config
+        self.log = log
+        self.start = 0  # steps already done (by the checkpoint resumed from)
+        self.result = FinetuneResult()
+        self._bad_in_a_row = 0  # optimizer steps in a row with a non-finite loss / gradient norm
+
+    def run(self) -> FinetuneResult:
+        self.setup()
+        self.start = self.resume()
+        self._prepare_training()
+        self.train()
+        self.save_final()
+        self.report()
+        return self.result
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        """Everything before the first step or a resume, in this order (which fixes the
+        random draws, hence the adapters' initial values and the data order)."""
+        self._setup_processes()
+        self._setup_data()
+        self._setup_model()
+        self._setup_optimizer()
+
+    def _setup_processes(self) -> None:
+        cfg = self.config
+        self.rank, self.local_rank, self.world = dist_info()
+        if self.world > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
+            torch.distributed.init_process_group(backend)
+        self.device = resolve_device(cfg.device, self.local_rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.is_main = self.rank == 0
+        self.say = self.log if self.is_main else (lambda _msg: None)
+
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+
+    def _setup_data(self) -> None:
+        import transformers
+
+        cfg = self.config
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(cfg.model_dir))
+        examples = _data.tokenize(_data.load_jsonl(cfg.data), tokenizer, cfg.max_length)
+        self.batches = _Batches(examples, cfg.batch_size, _data.pad_id(tokenizer), self.rank, self.world, cfg.seed)
+        steps_per_epoch = max(1, self.batches.per_epoch // cfg.grad_accum)
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+    def _setup_model(self) -> None:
+        from ..model import add_lora
+
+        cfg = self.config
+        model = load_model(cfg.model_dir, self.device, self.dtype, cfg.quant, cfg.blocksize, cfg.double_quant)
+        # Seeded here, after the load: loading a dense model and a packed one draw different
+        # amounts of randomness, and the adapters' initial values should not depend on which.
+        torch.manual_seed(cfg.seed)
+        add_lora(model, r=cfg.r, alpha=cfg.alpha, target_modules=cfg.target_modules, dropout=cfg.dropout)
+        model.to(self.device)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        self.model = model
+        self.train_model = model  # the DDP wrapper under torchrun (_prepare_training)
+
+    def _setup_optimizer(self) -> None:
+        cfg = self.config
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.params, cfg.optim, cfg.lr, tuple(cfg.betas), cfg.weight_decay)
+        self.scheduler = make_schedule(self.optimizer, cfg.schedule, self.total_steps, cfg.warmup_ratio)
+        # fp16 gradients need loss scaling; bf16 / fp32 do not.
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
+
+    # ------------------------------------------------------------------ resume
+
+    def resume(self) -> int:
+        """Restores the checkpoint ``config.resume`` names (adapters, optimizer, schedule,
+        gradient scaler, this rank's RNG state) after checking that it fits this run; returns
+        the steps it has done (0 without ``resume``)."""
+        from ..model import load_adapter
+
+        cfg = self.config
+        if cfg.resume is None:
+            return 0
+        ckpt = find_checkpoint(cfg.resume, cfg.output_dir)
+        paths = CheckpointPaths(ckpt)
+        state = json.loads(paths.trainer_state.read_text())
+        if state.get("world_size", 1) != self.world:
+            raise ValueError(f"{ckpt} was written by {state.get('world_size')} processes, resuming with {self.world}")
+        _check_resumable(ckpt, state.get("config", {}), cfg)
+        if int(state["step"]) >= self.total_steps:
+            raise ValueError(f"{ckpt} is at step {state['step']}, not before the last step {self.total_steps}: "
+                             "nothing left to train (raise --max-steps or --epochs)")
+        load_adapter(self.model, paths.adapter)
+        saved = torch.load(paths.optimizer, map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        _apply_hyperparameters(self.optimizer, self.scheduler, cfg, self.say)
+        if self.scaler is not None and saved.get("scaler"):
+            self.scaler.load_state_dict(saved["scaler"])
+        start = int(state["step"])
+        _set_rng_state(torch.load(paths.rng(self.rank), weights_only=False))
+        self.say(f"resumed from {ckpt} at step {start}")
+        return start
+
+    # ------------------------------------------------------------------ training
+
+    def _prepare_training(self) -> None:
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.train_model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,  # the quantized weights are frozen buffers: nothing to sync
+                find_unused_parameters=False)
+        self.model.train()
+        self.result.memory = _memory.measure(self.model, None)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def train(self) -> None:
+        """Steps ``start`` .. ``total_steps``: logs, the progress bar, periodic checkpoints;
+        Ctrl-C stops after a whole step, saved (:class:`TrainingInterrupted`)."""
+        cfg, start, total_steps = self.config, self.start, self.total_steps
+        stream = self.batches.iterate(skip=start * cfg.grad_accum)
+        self.say(f"fine-tuning {total_steps - start} steps: {self.world} process(es) on {self.device.type}, "
+                 f"{self.dtype}, batch {cfg.batch_size} x accum {cfg.grad_accum} x {self.world}, lr {cfg.lr}, "
+                 f"{cfg.optim}")
+
+        bar_ctx = contextlib.nullcontext(None)
+        if self.is_main and cfg.progress:
+            import click
+
+            bar_ctx = click.progressbar(length=total_steps - start, label="finetune", show_pos=True,
+                                        item_show_func=lambda s: s, file=None)
+        t0 = time.perf_counter()
+        tokens_total = 0
+        with bar_ctx as bar, _StopRequest() as stop_request:
+            for step in range(start, total_steps):
+                stats = self.optimizer_step(step, stream)
+                self.result.losses.append(stats.loss)
+                tokens_total += stats.tokens
+                elapsed = time.perf_counter() - t0
+                tok_s = tokens_total / max(elapsed, 1e-9)
+                if bar is not None:
+                    bar.update(1, f"loss {stats.loss:.4f}  {tok_s:,.0f} tok/s")
+                if self._log_this_step(step):
+                    self.say(f"step {step + 1}/{total_steps}  loss {stats.loss:.4f}  lr {stats.lr:.2e}  "
+                             f"{tok_s:,.0f} tok/s")
+                if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < total_steps:
+                    self.save_checkpoint(step + 1)
+                # Asked every step: under DDP it is a collective every rank joins.
+                if stop_request.agreed(self.world, self.device) and step + 1 < total_steps:
+                    paths = CheckpointPaths.at_step(cfg.output_dir, step + 1)
+                    if not paths.is_complete():
+                        self.save_checkpoint(step + 1)
+                    raise TrainingInterrupted(f"interrupted after step {step + 1} of {total_steps}; the run is "
+                                              f"saved in {paths.folder}: continue it with --resume latest",
+                                              paths.folder)
+        self.result.seconds = time.perf_counter() - t0
+        self.result.tokens = tokens_total
+        self.result.steps = total_steps - start
+
+    def _log_this_step(self, step: int) -> bool:
+        """A log line for the first step, every ``log_every``-th and the last, when no
+        progress bar is shown."""
+        cfg = self.config
+        return bool(cfg.log_every and (step == self.start or (step + 1) % cfg.log_every == 0
+                                       or step + 1 == self.total_steps) and not cfg.progress)
+
+    # ------------------------------------------------------------------ step
+
+    def optimizer_step(self, step: int, stream) -> _StepStats:
+        """Step ``step`` (0-based): ``grad_accum`` micro-batches from ``stream``, their loss
+        and gradients, clipping, then the optimizer step, or its skip when the loss or the
+        gradient norm is not finite (after MAX_NON_FINITE_STEPS skips in a row: a checkpoint
+        and :class:`NonFiniteGradientError`)."""
+        cfg, world, device = self.config, self.world, self.device
+        model, train_model, scaler, optimizer = self.model, self.train_model, self.scaler, self.optimizer
+        micro_batches = [{k: v.to(device) for k, v in next(stream).items()} for _ in range(cfg.grad_accum)]
+        # The loss is the mean over every label token of the optimizer step (all
+        # micro-batches, all ranks), as with one big batch: each micro-batch adds its
+        # summed token losses / the step's token count. DDP averages gradients over
+        # ranks, hence the factor world.
+        counts = torch.stack([_label_tokens(b["labels"]) for b in micro_batches]).sum()
+        counts = torch.stack([counts, sum(b["attention_mask"].sum() for b in micro_batches)]).to(torch.float64)
+        if world > 1:
+            torch.distributed.all_reduce(counts)
+        label_tokens = counts[0].clamp(min=1)
+        step_loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for micro, batch in enumerate(micro_batches):
+            sync = micro == cfg.grad_accum - 1 or world == 1
+            ctx = contextlib.nullcontext() if sync else train_model.no_sync()
+            meter = _memory.SavedTensorMeter(model) if step == self.start and micro == 0 else None
+            with ctx:
+                with meter or contextlib.nullcontext():
+                    logits = train_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    loss_sum = token_loss_sum(logits, batch["labels"])
+                loss = loss_sum * (world / label_tokens).to(loss_sum.dtype)
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+            del logits
+            if meter is not None:
+                self.result.memory.activation_bytes = meter.bytes
+            step_loss_sum += loss_sum.detach().double()
+        if world > 1:
+            torch.distributed.all_reduce(step_loss_sum)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        # Clipping also yields the total gradient norm (identical on every rank after the
+        # all-reduce), whose finiteness decides the step for all ranks alike.
+        total_norm = torch.nn.utils.clip_grad_norm_(
+            self.params, cfg.max_grad_norm if cfg.max_grad_norm and cfg.max_grad_norm > 0 else math.inf)
+        lr_now = self.scheduler.get_last_lr()[0]
+        finite_loss = bool(torch.isfinite(step_loss_sum))
+        if scaler is not None:
+            scale = scaler.get_scale()
+            scaler.step(optimizer)  # skips the step itself on inf / NaN gradients
+            scaler.update()  # ... and lowers the scale after a skip
+            stepped = scaler.get_scale() >= scale
+            # An fp16 overflow is the scaler's business; a NaN loss, or a scale driven
+            # below 1, is not something it can fix.
+            bad = not stepped and (not finite_loss or scaler.get_scale() < 1.0)
+        else:
+            stepped = bool(torch.isfinite(total_norm))
+            if stepped:
+                optimizer.step()
+            bad = not stepped
+        if stepped:
+            self.scheduler.step()
+            self._bad_in_a_row = 0
+        else:
+            # Skipped: the model, the optimizer and the schedule stay where they were.
+            self.result.skipped_steps += 1
+        if bad:
+            self._on_non_finite_step(step, finite_loss, step_loss_sum, label_tokens, total_norm)
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = float(step_loss_sum / label_tokens)  # one host sync per step
+        return _StepStats(loss=loss_value, tokens=int(counts[1]), lr=lr_now)
+
+    def _on_non_finite_step(self, step: int, finite_loss: bool, step_loss_sum, label_tokens, total_norm) -> None:
+        self._bad_in_a_row += 1
+        self.say(f"step {step + 1}: non-finite {'loss' if not finite_loss else 'gradient norm'} "
+                 f"({float(step_loss_sum / label_tokens) if not finite_loss else float(total_norm)}); "
+                 "step skipped")
+        if self._bad_in_a_row >= MAX_NON_FINITE_STEPS:
+            self.optimizer.zero_grad(set_to_none=True)
+            ckpt = self.save_checkpoint(step + 1)
+            raise NonFiniteGradientError(
+                f"gradients were non-finite for {self._bad_in_a_row} steps in a row (up to step {step + 1}); "
+                f"the adapter as of the last good step is saved in {ckpt}. Lower --lr or use bf16 / fp32.")
+
+    # ------------------------------------------------------------------ save
+
+    def save_checkpoint(self, step: int) -> Path:
+        """Writes the checkpoint of ``step`` (every rank takes part); returns its folder."""
+        paths = CheckpointPaths.at_step(self.config.output_dir, step)
+        save_checkpoint(paths, self.model, self.optimizer, self.scheduler, step, self.config, self.rank, self.world,
+                        self.scaler)
+        return paths.folder
+
+    def save_final(self) -> None:
+        """The last checkpoint (with ``save_steps``) and the final adapter in the output folder."""
+        out_dir = Path(self.config.output_dir)
+        if self.config.save_steps:
+            self.save_checkpoint(self.total_steps)
+        if self.is_main:
+            from ..model import save_adapter
+
+            save_adapter(self.model, out_dir, base_model_name_or_path=str(self.config.model_dir))
+            self.result.adapter_dir = str(out_dir)
+        _barrier(self.world)
+
+    # ------------------------------------------------------------------ report
+
+    def report(self) -> None:
+        """Memory use (measured, and the paper's arithmetic), losses and throughput."""
+        cfg, result, device = self.config, self.result, self.device
+        act = result.memory.activation_bytes
+        result.memory = _memory.measure(self.model, self.optimizer)
+        result.memory.activation_bytes = act
+        mem = result.memory
+        if device.type == "cuda":
+            mem.peak_bytes = int(torch.cuda.max_memory_allocated(device))
+            from ..optim import paged
+
+            if paged.managed_bytes():
+                mem.notes.append(f"peak allocated counts torch's allocations only; the paged optimizer holds "
+                                 f"{paged.managed_bytes() / 1e6:.1f} MB more in CUDA managed memory")
+        if cfg.quant in ("nf4", "fp4"):
+            est = _memory.paper_estimate(mem.base_quantized_params, mem.adapter_params,
+                                         8 if cfg.optim.endswith("8bit") else 32, blocksize=cfg.blocksize,
+                                         double_quant=cfg.double_quant)
+            bits = _memory.weight_bits_per_param(cfg.blocksize, cfg.double_quant)
+            all_params = mem.adapter_params + mem.base_quantized_params + mem.base_other_params
+            mem.notes.append(f"paper arithmetic: {mem.base_quantized_params:,} x {bits:.3f} bits = "
+                             f"{est['weights'] / 1e6:.3f} MB of quantized weights (+ ~1 KB of code tables per "
+                             f"layer); adapters, gradients and optimizer states on the {mem.adapter_params:,} "
+                             f"adapter params only ({mem.adapter_params / max(all_params, 1):.2%} "
+                             f"of all parameters)")
+        self.say(mem.format())
+        if result.losses:
+            self.say(f"loss: first step {result.losses[0]:.4f}, last step {result.losses[-1]:.4f}")
+        self.say(f"done: {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.1f} s "
+                 f"({result.tokens_per_second:,.0f} tokens/s); adapter in {Path(cfg.output_dir)}")
 
 
 def finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> FinetuneResult:
     """Fine-tunes LoRA adapters on a quantized causal LM; writes checkpoints and the final
     adapter (PEFT format) to ``config.output_dir``. Under torchrun it runs DDP over the
     adapter parameters (gloo on the CPU, NCCL on GPUs); rank 0 logs and saves."""
-    import transformers
-
-    from ..model import add_lora, load_adapter
-
-    rank, local_rank, world = dist_info()
-    dist = torch.distributed
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and config.device != "cpu" else "gloo"
-        dist.init_process_group(backend)
-    device = resolve_device(config.device, local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dtype = resolve_dtype(config.dtype, device)
-    is_main = rank == 0
-    say = log if is_main else (lambda _msg: None)
-
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(config.model_dir))
-    examples = _data.tokenize(_data.load_jsonl(config.data), tokenizer, config.max_length)
-    batches = _Batches(examples, config.batch_size, _data.pad_id(tokenizer), rank, world, config.seed)
-    steps_per_epoch = max(1, batches.per_epoch // config.grad_accum)
-    total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
-
-    model = load_model(config.model_dir, device, dtype, config.quant, config.blocksize, config.double_quant)
-    # Seeded here, after the load: loading a dense model and a packed one draw different
-    # amounts of randomness, and the adapters' initial values should not depend on which.
-    torch.manual_seed(config.seed)
-    add_lora(model, r=config.r, alpha=config.alpha, target_modules=config.target_modules, dropout=config.dropout)
-    model.to(device)
-    if config.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, config.optim, config.lr, tuple(config.betas), config.weight_decay)
-    scheduler = make_schedule(optimizer, config.schedule, total_steps, config.warmup_ratio)
-
-    # fp16 gradients need loss scaling; bf16 / fp32 do not.
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    start = 0
-    resume = config.resume
-    if resume is not None:
-        ckpt = latest_checkpoint(config.output_dir) if resume in ("latest", "auto", "") else Path(resume)
-        if ckpt is None:
-            raise FileNotFoundError(f"--resume: no checkpoint-* folder in {config.output_dir}")
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-        if state.get("world_size", 1) != world:
-            raise ValueError(f"{ckpt} was written by {state.get('world_size')} processes, resuming with {world}")
-        _check_resumable(ckpt, state.get("config", {}), config)
-        if int(state["step"]) >= total_steps:
-            raise ValueError(f"{ckpt} is at step {state['step']}, not before the last step {total_steps}: "
-                             "nothing left to train (raise --max-steps or --epochs)")
-        load_adapter(model, ckpt)
-        saved = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        _apply_hyperparameters(optimizer, scheduler, config, say)
-        if scaler is not None and saved.get("scaler"):
-            scaler.load_state_dict(saved["scaler"])
-        start = int(state["step"])
-        _set_rng_state(torch.load(ckpt / f"rng_rank{rank}.pt", weights_only=False))
-        say(f"resumed from {ckpt} at step {start}")
-
-    train_model = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        train_model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False,  # the quantized weights are frozen buffers: nothing to sync
-            find_unused_parameters=False)
-    model.train()
-
-    result = FinetuneResult()
-    result.memory = _memory.measure(model, None)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    stream = batches.iterate(skip=start * config.grad_accum)
-    say(f"fine-tuning {total_steps - start} steps: {world} process(es) on {device.type}, {dtype}, "
-        f"batch {config.batch_size} x accum {config.grad_accum} x {world}, lr {config.lr}, {config.optim}")
-
-    bar_ctx = contextlib.nullcontext(None)
-    if is_main and config.progress:
-        import click
-
-        bar_ctx = click.progressbar(length=total_steps - start, label="finetune", show_pos=True,
-                                    item_show_func=lambda s: s, file=None)
-    t0 = time.perf_counter()
-    tokens_total = 0
-    bad_in_a_row = 0
-    with bar_ctx as bar, _StopRequest() as stop_request:
-        for step in range(start, total_steps):
-            micro_batches = [{k: v.to(device) for k, v in next(stream).items()} for _ in range(config.grad_accum)]
-            # The loss is the mean over every label token of the optimizer step (all
-            # micro-batches, all ranks), as with one big batch: each micro-batch adds its
-            # summed token losses / the step's token count. DDP averages gradients over
-            # ranks, hence the factor world.
-            counts = torch.stack([_label_tokens(b["labels"]) for b in micro_batches]).sum()
-            counts = torch.stack([counts, sum(b["attention_mask"].sum() for b in micro_batches)]).to(torch.float64)
-            if world > 1:
-                dist.all_reduce(counts)
-            label_tokens = counts[0].clamp(min=1)
-            step_loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for micro, batch in enumerate(micro_batches):
-                sync = micro == config.grad_accum - 1 or world == 1
-                ctx = contextlib.nullcontext() if sync else train_model.no_sync()
-                meter = _memory.SavedTensorMeter(model) if step == start and micro == 0 else None
-                with ctx:
-                    with meter or contextlib.nullcontext():
-                        logits = train_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                        loss_sum = token_loss_sum(logits, batch["labels"])
-                    loss = loss_sum * (world / label_tokens).to(loss_sum.dtype)
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
-                del logits
-                if meter is not None:
-                    result.memory.activation_bytes = meter.bytes
-                step_loss_sum += loss_sum.detach().double()
-            if world > 1:
-                dist.all_reduce(step_loss_sum)
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            # Clipping also yields the total gradient norm (identical on every rank after the
-            # all-reduce), whose finiteness decides the step for all ranks alike.
-            total_norm = torch.nn.utils.clip_grad_norm_(
-                params, config.max_grad_norm if config.max_grad_norm and config.max_grad_norm > 0 else math.inf)
-            lr_now = scheduler.get_last_lr()[0]
-            finite_loss = bool(torch.isfinite(step_loss_sum))
-            if scaler is not None:
-                scale = scaler.get_scale()
-                scaler.step(optimizer)  # skips the step itself on inf / NaN gradients
-                scaler.update()  # ... and lowers the scale after a skip
-                stepped = scaler.get_scale() >= scale
-                # An fp16 overflow is the scaler's business; a NaN loss, or a scale driven
-                # below 1, is not something it can fix.
-                bad = not stepped and (not finite_loss or scaler.get_scale() < 1.0)
-            else:
-                stepped = bool(torch.isfinite(total_norm))
-                if stepped:
-                    optimizer.step()
-                bad = not stepped
-            if stepped:
-                scheduler.step()
-                bad_in_a_row = 0
-            else:
-                # Skipped: the model, the optimizer and the schedule stay where they were.
-                result.skipped_steps += 1
-            if bad:
-                bad_in_a_row += 1
-                say(f"step {step + 1}: non-finite {'loss' if not finite_loss else 'gradient norm'} "
-                    f"({float(step_loss_sum / label_tokens) if not finite_loss else float(total_norm)}); "
-                    "step skipped")
-                if bad_in_a_row >= MAX_NON_FINITE_STEPS:
-                    optimizer.zero_grad(set_to_none=True)
-                    ckpt = Path(config.output_dir) / f"checkpoint-{step + 1:06d}"
-                    save_checkpoint(ckpt, model, optimizer, scheduler, step + 1, config, rank, world, scaler)
-                    raise NonFiniteGradientError(
-                        f"gradients were non-finite for {bad_in_a_row} steps in a row (up to step {step + 1}); "
-                        f"the adapter as of the last good step is saved in {ckpt}. Lower --lr or use bf16 / fp32.")
-            optimizer.zero_grad(set_to_none=True)
-            loss_value = float(step_loss_sum / label_tokens)  # one host sync per step
-            result.losses.append(loss_value)
-            tokens_total += int(counts[1])
-            elapsed = time.perf_counter() - t0
-            if bar is not None:
-                bar.update(1, f"loss {loss_value:.4f}  {tokens_total / max(elapsed, 1e-9):,.0f} tok/s")
-            if config.log_every and (step == start or (step + 1) % config.log_every == 0 or step + 1 == total_steps) and not config.progress:
-                say(f"step {step + 1}/{total_steps}  loss {loss_value:.4f}  lr {lr_now:.2e}  "
-                    f"{tokens_total / max(elapsed, 1e-9):,.0f} tok/s")
-            if config.save_steps and (step + 1) % config.save_steps == 0 and step + 1 < total_steps:
-                save_checkpoint(Path(config.output_dir) / f"checkpoint-{step + 1:06d}", model, optimizer, scheduler,
-                                step + 1, config, rank, world, scaler)
-            if stop_request.agreed(world, device) and step + 1 < total_steps:
-                ckpt = Path(config.output_dir) / f"checkpoint-{step + 1:06d}"
-                if not (ckpt / "trainer_state.json").is_file():
-                    save_checkpoint(ckpt, model, optimizer, scheduler, step + 1, config, rank, world, scaler)
-                raise TrainingInterrupted(f"interrupted after step {step + 1} of {total_steps}; the run is saved in "
-                                          f"{ckpt}: continue it with --resume latest", ckpt)
-    result.seconds = time.perf_counter() - t0
-    result.tokens = tokens_total
-    result.steps = total_steps - start
-
-    out_dir = Path(config.output_dir)
-    if config.save_steps:
-        save_checkpoint(out_dir / f"checkpoint-{total_steps:06d}", model, optimizer, scheduler, total_steps, config,
-                        rank, world, scaler)
-    if is_main:
-        from ..model import save_adapter
-
-        save_adapter(model, out_dir, base_model_name_or_path=str(config.model_dir))
-        result.adapter_dir = str(out_dir)
-    _barrier(world)
-
-    act = result.memory.activation_bytes
-    result.memory = _memory.measure(model, optimizer)
-    result.memory.activation_bytes = act
-    mem = result.memory
-    if device.type == "cuda":
-        mem.peak_bytes = int(torch.cuda.max_memory_allocated(device))
-        from ..optim import paged
-
-        if paged.managed_bytes():
-            mem.notes.append(f"peak allocated counts torch's allocations only; the paged optimizer holds "
-                             f"{paged.managed_bytes() / 1e6:.1f} MB more in CUDA managed memory")
-    if config.quant in ("nf4", "fp4"):
-        est = _memory.paper_estimate(mem.base_quantized_params, mem.adapter_params,
-                                     8 if config.optim.endswith("8bit") else 32, blocksize=config.blocksize,
-                                     double_quant=config.double_quant)
-        bits = _memory.weight_bits_per_param(config.blocksize, config.double_quant)
-        mem.notes.append(f"paper arithmetic: {mem.base_quantized_params:,} x {bits:.3f} bits = "
-                         f"{est['weights'] / 1e6:.3f} MB of quantized weights (+ ~1 KB of code tables per layer); "
-                         f"adapters, gradients and optimizer states on the {mem.adapter_params:,} adapter params "
-                         f"only ({mem.adapter_params / max(mem.adapter_params + mem.base_quantized_params + mem.base_other_params, 1):.2%} "
-                         f"of all parameters)")
-    say(mem.format())
-    if result.losses:
-        say(f"loss: first step {result.losses[0]:.4f}, last step {result.losses[-1]:.4f}")
-    say(f"done: {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.1f} s "
-        f"({result.tokens_per_second:,.0f} tokens/s); adapter in {out_dir}")
-    return result
+    return TrainingRun(config, log).run()

@@ -59,11 +59,72 @@ impl Method {
     }
 }
 
+/// How the packed 4-bit codes are stored (bitsandbytes' `quant_storage`): as uint8, or the
+/// same bytes viewed as bfloat16 / float16 / float32 (for FSDP, which wants one dtype per
+/// flat parameter), shaped `(packed_len / itemsize, 1)`. The bytes never change.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum QuantStorage {
+    #[default]
+    U8,
+    BF16,
+    F16,
+    F32,
+}
+
+impl QuantStorage {
+    /// "uint8", "bfloat16", "float16" or "float32" (torch's names, as transformers records
+    /// `bnb_4bit_quant_storage`).
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "uint8" => Ok(Self::U8),
+            "bfloat16" => Ok(Self::BF16),
+            "float16" => Ok(Self::F16),
+            "float32" => Ok(Self::F32),
+            other => Err(Error::UnknownDtype(other.into())),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::U8 => "uint8",
+            Self::BF16 => "bfloat16",
+            Self::F16 => "float16",
+            Self::F32 => "float32",
+        }
+    }
+
+    /// The safetensors dtype of the stored weight.
+    pub fn dtype(self) -> Dtype {
+        match self {
+            Self::U8 => Dtype::U8,
+            Self::BF16 => Dtype::BF16,
+            Self::F16 => Dtype::F16,
+            Self::F32 => Dtype::F32,
+        }
+    }
+
+    /// Shape of the stored weight holding `packed_len` bytes; bitsandbytes cannot view a
+    /// byte count that is not a multiple of the item size, and neither does nybble.
+    pub fn packed_shape(self, packed_len: usize) -> Result<Vec<usize>> {
+        let itemsize = self.dtype().size_bytes();
+        if packed_len % itemsize != 0 {
+            return Err(Error::LengthMismatch {
+                what: "packed 4-bit bytes for this quant_storage (a multiple of its item size)",
+                expected: packed_len.next_multiple_of(itemsize),
+                got: packed_len,
+            });
+        }
+        Ok(vec![packed_len / itemsize, 1])
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ConvertOptions {
     pub method: Method,
     /// 4-bit block size (ignored for int8).
     pub blocksize: usize,
+    /// Storage dtype of the packed 4-bit weights (ignored for int8).
+    pub quant_storage: QuantStorage,
     /// Double-quantize the 4-bit block absmaxes (ignored for int8).
     pub double_quant: bool,
     /// Largest output shard in bytes (tensor data); one tensor larger than this gets a shard
@@ -78,6 +139,7 @@ impl Default for ConvertOptions {
         Self {
             method: Method::FourBit(QuantType4::Nf4),
             blocksize: 64,
+            quant_storage: QuantStorage::U8,
             double_quant: true,
             max_shard_bytes: 5_000_000_000,
             error_stats: true,
@@ -267,7 +329,11 @@ impl Conversion {
                     });
                 }
                 let outputs = if quantize {
-                    quantized_outputs(name, info, &options)?
+                    quantized_outputs(name, info, &options).map_err(|source| Error::Tensor {
+                        path: path.clone(),
+                        tensor: name.to_owned(),
+                        source: Box::new(source),
+                    })?
                 } else {
                     vec![(name.to_owned(), info.dtype, info.shape.clone())]
                 };
@@ -430,7 +496,12 @@ fn quantized_outputs(
         Method::FourBit(quant_type) => {
             let nb = num_blocks(n, options.blocksize);
             let json_len = quant_state_json(quant_type, options, info, None)?.len();
-            let mut out = vec![(name.to_owned(), Dtype::U8, vec![packed_len(n), 1])];
+            let storage = options.quant_storage;
+            let mut out = vec![(
+                name.to_owned(),
+                storage.dtype(),
+                storage.packed_shape(packed_len(n))?,
+            )];
             if options.double_quant {
                 out.push((format!("{name}.absmax"), Dtype::U8, vec![nb]));
                 out.push((format!("{name}.quant_map"), Dtype::F32, vec![16]));
@@ -870,6 +941,73 @@ mod tests {
         let parsed: Value = serde_json::from_slice(json).unwrap();
         assert_eq!(parsed["shape"], serde_json::json!([96, 40]));
         assert_eq!(parsed["dtype"], "bfloat16");
+    }
+
+    #[test]
+    fn quant_storage_changes_only_the_weight_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.safetensors");
+        let values: Vec<f32> = (0..64 * 40)
+            .map(|i| ((i * 13 % 29) as f32) - 14.0)
+            .collect();
+        let w = bf16_bytes(&values);
+        write_safetensors(&input, &[("l.weight", Dtype::BF16, &[64, 40], &w)], None).unwrap();
+        let convert = |storage: QuantStorage| {
+            let out = dir.path().join(storage.name());
+            std::fs::create_dir(&out).unwrap();
+            let options = ConvertOptions {
+                quant_storage: storage,
+                ..Default::default()
+            };
+            Conversion::plan(
+                std::slice::from_ref(&input),
+                &is_default_quantizable,
+                &out,
+                options,
+            )
+            .unwrap()
+            .finish()
+            .unwrap();
+            SafetensorsFile::open(&out.join(SINGLE_FILE)).unwrap()
+        };
+        let base = convert(QuantStorage::U8);
+        for (storage, dtype, rows) in [
+            (QuantStorage::BF16, Dtype::BF16, 640),
+            (QuantStorage::F16, Dtype::F16, 640),
+            (QuantStorage::F32, Dtype::F32, 320),
+        ] {
+            let f = convert(storage);
+            let info = f.info("l.weight").unwrap();
+            assert_eq!((info.dtype, info.shape.clone()), (dtype, vec![rows, 1]));
+            for name in base.names() {
+                assert_eq!(f.data(name).unwrap(), base.data(name).unwrap(), "{name}");
+                if name != "l.weight" {
+                    assert_eq!(f.info(name).unwrap().dtype, base.info(name).unwrap().dtype);
+                }
+            }
+        }
+        assert_eq!(QuantStorage::parse("bfloat16").unwrap(), QuantStorage::BF16);
+        assert!(matches!(
+            QuantStorage::parse("int8"),
+            Err(Error::UnknownDtype(_))
+        ));
+        // 3 x 3 elements pack into 5 bytes: no float32 view of them exists.
+        let odd = dir.path().join("odd.safetensors");
+        write_safetensors(
+            &odd,
+            &[("o.weight", Dtype::F32, &[3, 3], &f32_bytes(&[1.0; 9]))],
+            None,
+        )
+        .unwrap();
+        let options = ConvertOptions {
+            quant_storage: QuantStorage::F32,
+            ..Default::default()
+        };
+        let err = Conversion::plan(&[odd], &is_default_quantizable, dir.path(), options).err();
+        assert!(
+            matches!(err, Some(Error::Tensor { ref tensor, ref source, .. }) if tensor == "o.weight"
+                && matches!(**source, Error::LengthMismatch { expected: 8, got: 5, .. }))
+        );
     }
 
     #[test]

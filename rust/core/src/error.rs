@@ -54,6 +54,16 @@ pub enum Error {
         source: crate::safetensors::FormatError,
     },
 
+    /// The caller asked [`SafetensorsWriter`](crate::safetensors::SafetensorsWriter) for
+    /// something it cannot write (a bad plan, wrong order or size, a missing tensor): a
+    /// programming error, not a damaged file, so it is kept apart from [`Error::Safetensors`].
+    #[error("{path}: {source}")]
+    WriterMisuse {
+        path: PathBuf,
+        #[source]
+        source: crate::safetensors::FormatError,
+    },
+
     #[error("{path}: tensor {tensor:?}: {source}")]
     Tensor {
         path: PathBuf,

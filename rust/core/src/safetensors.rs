@@ -42,7 +42,8 @@ const METADATA_KEY: &str = "__metadata__";
 /// The writer pads the header so the data buffer starts at a multiple of this.
 const DATA_ALIGN: usize = 8;
 
-/// A malformed safetensors file (or a misuse of [`SafetensorsWriter`]): one variant per defect.
+/// A malformed safetensors file (reported as [`Error::Safetensors`]) or a misuse of
+/// [`SafetensorsWriter`] (reported as [`Error::WriterMisuse`]): one variant per defect.
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {
     #[error("file is {len} bytes long, too short for the 8-byte header length")]
@@ -154,6 +155,38 @@ pub enum FormatError {
         written: usize,
         declared: usize,
     },
+}
+
+impl FormatError {
+    /// The tensor the defect belongs to, when it is one tensor's (for the Python attribute).
+    pub fn tensor(&self) -> Option<&str> {
+        match self {
+            Self::InvalidTensorEntry { name, .. }
+            | Self::UnknownDtype { name, .. }
+            | Self::DuplicateTensorName { name }
+            | Self::OffsetsReversed { name, .. }
+            | Self::SizeOverflow { name, .. }
+            | Self::SizeMismatch { name, .. }
+            | Self::FirstTensorNotAtStart { name, .. }
+            | Self::Gap { name, .. }
+            | Self::Overlap { name, .. }
+            | Self::DataTruncated { name, .. }
+            | Self::WriteSizeMismatch { name, .. }
+            | Self::WriteTooMany { name, .. } => Some(name),
+            Self::WriteOutOfOrder { got, .. } => Some(got),
+            Self::MissingTensors { next, .. } => Some(next),
+            Self::FileTooShort { .. }
+            | Self::HeaderTooSmall { .. }
+            | Self::HeaderTooLarge { .. }
+            | Self::HeaderOutOfBounds { .. }
+            | Self::HeaderNotUtf8(_)
+            | Self::InvalidJson(_)
+            | Self::HeaderNotObject { .. }
+            | Self::InvalidMetadata { .. }
+            | Self::TrailingBytes { .. }
+            | Self::ReservedName => None,
+        }
+    }
 }
 
 /// Element types of the safetensors format (the sub-byte F4 / F6 types are not supported).
@@ -963,7 +996,9 @@ impl SafetensorsWriter {
         metadata: Option<BTreeMap<String, String>>,
     ) -> Result<Self> {
         let (header, sizes) =
-            encode_header(&tensors, metadata.as_ref()).map_err(|source| Error::Safetensors {
+            // A plan that cannot be laid out (duplicate or reserved name, overflow) is the
+        // caller's mistake, not a corrupt file.
+        encode_header(&tensors, metadata.as_ref()).map_err(|source| Error::WriterMisuse {
                 path: path.to_owned(),
                 source,
             })?;
@@ -1011,20 +1046,20 @@ impl SafetensorsWriter {
         let (expected_name, expected_size) = match self.plan.get(self.written) {
             Some((n, s)) => (n.as_str(), *s),
             None => {
-                return Err(self.format_error(FormatError::WriteTooMany {
+                return Err(self.misuse(FormatError::WriteTooMany {
                     name: name.to_owned(),
                     declared: self.plan.len(),
                 }))
             }
         };
         if name != expected_name {
-            return Err(self.format_error(FormatError::WriteOutOfOrder {
+            return Err(self.misuse(FormatError::WriteOutOfOrder {
                 expected: expected_name.to_owned(),
                 got: name.to_owned(),
             }));
         }
         if data.len() != expected_size {
-            return Err(self.format_error(FormatError::WriteSizeMismatch {
+            return Err(self.misuse(FormatError::WriteSizeMismatch {
                 name: name.to_owned(),
                 expected: expected_size,
                 got: data.len(),
@@ -1043,7 +1078,7 @@ impl SafetensorsWriter {
     pub fn finish(self) -> Result<()> {
         self.check_healthy()?;
         if let Some((next, _)) = self.plan.get(self.written) {
-            return Err(self.format_error(FormatError::MissingTensors {
+            return Err(self.misuse(FormatError::MissingTensors {
                 next: next.clone(),
                 written: self.written,
                 declared: self.plan.len(),
@@ -1085,8 +1120,8 @@ impl SafetensorsWriter {
         }
     }
 
-    fn format_error(&self, source: FormatError) -> Error {
-        Error::Safetensors {
+    fn misuse(&self, source: FormatError) -> Error {
+        Error::WriterMisuse {
             path: self.path.clone(),
             source,
         }
@@ -1698,7 +1733,7 @@ mod tests {
         writer.write_tensor("a", &[1, 2]).unwrap();
         let err = writer.finish().unwrap_err();
         assert!(
-            matches!(&err, Error::Safetensors { path: p, source: FormatError::MissingTensors { next, written: 1, declared: 2 } }
+            matches!(&err, Error::WriterMisuse { path: p, source: FormatError::MissingTensors { next, written: 1, declared: 2 } }
                 if p == &path && next == "b"),
             "{err}"
         );
@@ -1716,7 +1751,7 @@ mod tests {
         ];
         let mut writer = SafetensorsWriter::create(&path, plan, None).unwrap();
         let source = |r: Result<()>| match r.unwrap_err() {
-            Error::Safetensors { source, .. } => source,
+            Error::WriterMisuse { source, .. } => source,
             other => panic!("unexpected error {other}"),
         };
         let err = source(writer.write_tensor("b", &[0; 3]));
@@ -1756,7 +1791,7 @@ mod tests {
                 .map(|(n, d, s)| (n.to_owned(), d, s))
                 .collect();
             match SafetensorsWriter::create(&path, plan, None).unwrap_err() {
-                Error::Safetensors { source, path: p } => {
+                Error::WriterMisuse { source, path: p } => {
                     assert_eq!(p, path);
                     source
                 }
@@ -1808,6 +1843,56 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn writer_misuse_is_not_a_corrupt_file() {
+        // What a caller gets wrong is WriterMisuse (a ValueError in Python); only a damaged
+        // file read back is Safetensors (CorruptFileError). Both name the path and tensor.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let misuse = |tensors: &[(&str, Dtype, &[usize], &[u8])]| match write_safetensors(
+            &path, tensors, None,
+        )
+        .unwrap_err()
+        {
+            Error::WriterMisuse { path: p, source } => {
+                assert_eq!(p, path);
+                source
+            }
+            other => panic!("expected WriterMisuse, got {other:?}"),
+        };
+        let err = misuse(&[("w", Dtype::F32, &[2], &[0; 7])]);
+        assert!(matches!(
+            &err,
+            FormatError::WriteSizeMismatch {
+                expected: 8,
+                got: 7,
+                ..
+            }
+        ));
+        assert_eq!(err.tensor(), Some("w"));
+        let err = misuse(&[("w", Dtype::U8, &[1], &[1]), ("w", Dtype::U8, &[1], &[2])]);
+        assert!(matches!(&err, FormatError::DuplicateTensorName { .. }));
+        assert_eq!(err.tensor(), Some("w"));
+        let err = misuse(&[(METADATA_KEY, Dtype::U8, &[1], &[1])]);
+        assert!(matches!(err, FormatError::ReservedName) && err.tensor().is_none());
+        assert!(dir_entries(dir.path()).is_empty());
+
+        write_safetensors(&path, &[("w", Dtype::F32, &[4], &[7; 16])], None).unwrap();
+        let bytes = fs::read(&path).unwrap();
+        fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
+        match SafetensorsFile::open(&path).unwrap_err() {
+            Error::Safetensors { path: p, source } => {
+                assert_eq!(p, path);
+                assert!(
+                    matches!(source, FormatError::DataTruncated { .. }),
+                    "{source}"
+                );
+                assert_eq!(source.tensor(), Some("w"));
+            }
+            other => panic!("expected Safetensors, got {other:?}"),
+        }
     }
 
     #[cfg(target_os = "linux")]

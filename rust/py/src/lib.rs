@@ -14,10 +14,14 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use half::{bf16, f16};
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyUntypedArrayMethods};
-use pyo3::create_exception;
-use pyo3::exceptions::{PyOSError, PyOverflowError, PyValueError};
+use pyo3::exceptions::{
+    PyFileExistsError, PyFileNotFoundError, PyOSError, PyOverflowError, PyPermissionError,
+    PyValueError,
+};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyType};
+use pyo3::IntoPyObjectExt;
 
 use nybble_core::codebook::{self, QuantType4};
 use nybble_core::element::FloatDtype;
@@ -25,28 +29,176 @@ use nybble_core::int8::Granularity;
 use nybble_core::safetensors::{Dtype as SafetensorsDtype, SafetensorsFile};
 use nybble_core::{blockwise, convert, double_quant, int8, stats, Error};
 
-create_exception!(
-    _core,
-    NonFiniteError,
-    PyValueError,
-    "An input holds NaN or Inf."
-);
-create_exception!(
-    _core,
-    CorruptFileError,
-    PyValueError,
-    "A file is not a valid safetensors / packed checkpoint."
-);
+// ---------------------------------------------------------------- errors
 
+// NonFiniteError and CorruptFileError are defined in Python (nybble/errors.py) rather than
+// with create_exception!: Python code raises them too (the optimizers, the CUDA paths), and
+// one definition gives both sides the same documented attributes, defaults and constructor.
+static NON_FINITE_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static CORRUPT_FILE_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+
+fn error_class<'py>(
+    py: Python<'py>,
+    cell: &'static PyOnceLock<Py<PyType>>,
+    name: &str,
+) -> PyResult<Bound<'py, PyType>> {
+    cell.import(py, "nybble.errors", name).cloned()
+}
+
+/// `(attribute name, value)` pairs for an exception.
+macro_rules! attrs {
+    ($py:expr; $($name:literal => $value:expr),* $(,)?) => {
+        vec![$(($name, ($value).into_bound_py_any($py)?)),*]
+    };
+}
+
+/// The one mapping of core errors to Python exceptions. The class says what kind of failure it
+/// is (the classes callers already catch: NonFiniteError, CorruptFileError, ValueError,
+/// OverflowError, OSError); attributes carry the variant's fields, so no caller parses text.
 fn to_py_err(e: Error) -> PyErr {
-    let msg = e.to_string();
-    match e {
-        Error::NonFinite { .. } => NonFiniteError::new_err(msg),
-        Error::SizeOverflow(_) => PyOverflowError::new_err(msg),
-        Error::Io { .. } => PyOSError::new_err(msg),
-        Error::Safetensors { .. } => CorruptFileError::new_err(msg),
-        _ => PyValueError::new_err(msg),
+    Python::attach(|py| {
+        let message = e.to_string();
+        match exception(py, &e, &message) {
+            Ok(exc) => PyErr::from_value(exc),
+            // Only when nybble.errors cannot be imported: still raise, with the message.
+            Err(failure) => {
+                let err = PyValueError::new_err(message);
+                err.set_cause(py, Some(failure));
+                err
+            }
+        }
+    })
+}
+
+/// The exception for `e` with `message`. A `Tensor` wrapper hands its full message down, so
+/// the exception has the inner error's class and fields plus `path` and `tensor`.
+fn exception<'py>(py: Python<'py>, e: &Error, message: &str) -> PyResult<Bound<'py, PyAny>> {
+    let value_error = || py.get_type::<PyValueError>();
+    // Exhaustive on purpose: a new variant must choose its class and attributes here.
+    let (class, attrs) = match e {
+        Error::InvalidBlocksize(blocksize) => (value_error(), attrs![py; "blocksize" => blocksize]),
+        Error::NonFinite { index, value } => (
+            error_class(py, &NON_FINITE_ERROR, "NonFiniteError")?,
+            attrs![py; "index" => index, "value" => value],
+        ),
+        Error::LengthMismatch {
+            what,
+            expected,
+            got,
+        } => (
+            value_error(),
+            attrs![py; "what" => what, "expected" => expected, "got" => got],
+        ),
+        Error::InvalidCodebook { expected, problem } => (
+            value_error(),
+            attrs![py; "expected" => expected, "problem" => problem],
+        ),
+        Error::ShapeMismatch {
+            rows,
+            cols,
+            needed,
+            len,
+        } => (
+            value_error(),
+            attrs![py; "rows" => rows, "cols" => cols, "needed" => needed, "len" => len],
+        ),
+        Error::InvalidThreshold(threshold) => (value_error(), attrs![py; "threshold" => threshold]),
+        Error::InvalidHyperParameter(reason) => (value_error(), attrs![py; "reason" => reason]),
+        Error::SizeOverflow(what) => (py.get_type::<PyOverflowError>(), attrs![py; "what" => what]),
+        Error::UnknownQuantType(quant_type) => {
+            (value_error(), attrs![py; "quant_type" => quant_type])
+        }
+        Error::UnknownDtype(dtype) => (value_error(), attrs![py; "dtype" => dtype]),
+        Error::Safetensors { path, source } => (
+            error_class(py, &CORRUPT_FILE_ERROR, "CorruptFileError")?,
+            attrs![py; "path" => path, "tensor" => source.tensor(), "reason" => source.to_string()],
+        ),
+        // The caller's mistake, not a damaged file: a plain ValueError.
+        Error::WriterMisuse { path, source } => (
+            value_error(),
+            attrs![py; "path" => path, "tensor" => source.tensor(), "reason" => source.to_string()],
+        ),
+        Error::Tensor {
+            path,
+            tensor,
+            source,
+        } => {
+            let exc = exception(py, source, message)?;
+            exc.setattr("path", path)?;
+            exc.setattr("tensor", tensor)?;
+            return Ok(exc);
+        }
+        Error::NotQuantizable {
+            path,
+            tensor,
+            dtype,
+            shape,
+        } => (
+            value_error(),
+            attrs![py; "path" => path, "tensor" => tensor, "dtype" => dtype, "shape" => shape],
+        ),
+        Error::DuplicateTensor {
+            tensor,
+            first,
+            second,
+        } => (
+            value_error(),
+            attrs![py; "tensor" => tensor, "first" => first, "second" => second],
+        ),
+        Error::OutputNameClash {
+            output,
+            first,
+            second,
+        } => (
+            value_error(),
+            attrs![py; "output" => output, "first" => first, "second" => second],
+        ),
+        Error::InvalidIndex { path, reason } => (
+            error_class(py, &CORRUPT_FILE_ERROR, "CorruptFileError")?,
+            attrs![py; "path" => path, "reason" => reason],
+        ),
+        Error::NoCheckpoint { path } => (
+            py.get_type::<PyFileNotFoundError>(),
+            attrs![py; "path" => path],
+        ),
+        Error::Io { path, source } => return io_exception(py, path, source, message),
+    };
+    let exc = class.call1((message,))?;
+    for (name, value) in attrs {
+        exc.setattr(name, value)?;
     }
+    Ok(exc)
+}
+
+/// An I/O failure as Python's own OSError form where the OS gave an error code, so `errno`,
+/// `strerror` and `filename` are set and the subclass (FileNotFoundError, PermissionError, ...)
+/// is picked by Python; otherwise the message in the subclass the error kind names. Both get
+/// `path` like every other error that names a file.
+fn io_exception<'py>(
+    py: Python<'py>,
+    path: &std::path::Path,
+    source: &std::io::Error,
+    message: &str,
+) -> PyResult<Bound<'py, PyAny>> {
+    use std::io::ErrorKind;
+    let exc = match source.raw_os_error() {
+        Some(code) => {
+            let strerror = py.import("os")?.getattr("strerror")?.call1((code,))?;
+            py.get_type::<PyOSError>()
+                .call1((code, strerror, path.as_os_str()))?
+        }
+        None => {
+            let class = match source.kind() {
+                ErrorKind::NotFound => py.get_type::<PyFileNotFoundError>(),
+                ErrorKind::PermissionDenied => py.get_type::<PyPermissionError>(),
+                ErrorKind::AlreadyExists => py.get_type::<PyFileExistsError>(),
+                _ => py.get_type::<PyOSError>(),
+            };
+            class.call1((message,))?
+        }
+    };
+    exc.setattr("path", path)?;
+    Ok(exc)
 }
 
 // ---------------------------------------------------------------- thread pools
@@ -659,27 +811,11 @@ fn dynamic_map(py: Python<'_>, signed: bool) -> Bound<'_, PyArray1<f32>> {
 
 // ---------------------------------------------------------------- checkpoint conversion
 
-fn convert_err(e: Error) -> PyErr {
-    use pyo3::exceptions::PyFileNotFoundError;
-    let msg = e.to_string();
-    match e {
-        // Keep the exception type of the underlying failure; the message names file and tensor.
-        Error::Tensor { source, .. } => match *source {
-            Error::NonFinite { .. } => NonFiniteError::new_err(msg),
-            Error::SizeOverflow(_) => PyOverflowError::new_err(msg),
-            _ => PyValueError::new_err(msg),
-        },
-        Error::InvalidIndex { .. } => CorruptFileError::new_err(msg),
-        Error::NoCheckpoint { .. } => PyFileNotFoundError::new_err(msg),
-        other => to_py_err(other),
-    }
-}
-
 /// The checkpoint files of a file or model folder (shards of model.safetensors.index.json,
 /// else model.safetensors).
 #[pyfunction]
 fn resolve_checkpoint(path: std::path::PathBuf) -> PyResult<Vec<std::path::PathBuf>> {
-    convert::resolve_inputs(&path).map_err(convert_err)
+    convert::resolve_inputs(&path).map_err(to_py_err)
 }
 
 /// The validated header of a safetensors file: (tensors, metadata) where tensors is a list of
@@ -691,7 +827,7 @@ fn read_safetensors_header(
     Vec<(String, &'static str, Vec<usize>, usize, usize)>,
     Option<std::collections::BTreeMap<String, String>>,
 )> {
-    let file = SafetensorsFile::open(&path).map_err(convert_err)?;
+    let file = SafetensorsFile::open(&path).map_err(to_py_err)?;
     let start = file.header().data_start;
     let tensors = file
         .tensors()
@@ -733,7 +869,7 @@ struct Converter {
 #[pymethods]
 impl Converter {
     #[new]
-    #[pyo3(signature = (inputs, output_dir, quantize, *, method="nf4", blocksize=64, double_quant=true, max_shard_bytes=5_000_000_000, error_stats=true, threads=None))]
+    #[pyo3(signature = (inputs, output_dir, quantize, *, method="nf4", blocksize=64, double_quant=true, max_shard_bytes=5_000_000_000, error_stats=true, threads=None, quant_storage="uint8"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -746,10 +882,12 @@ impl Converter {
         max_shard_bytes: u64,
         error_stats: bool,
         threads: Option<usize>,
+        quant_storage: &str,
     ) -> PyResult<Self> {
         let options = convert::ConvertOptions {
             method: convert::Method::parse(method).map_err(to_py_err)?,
             blocksize,
+            quant_storage: convert::QuantStorage::parse(quant_storage).map_err(to_py_err)?,
             double_quant,
             max_shard_bytes,
             error_stats,
@@ -763,7 +901,7 @@ impl Converter {
                     options,
                 )
             })
-            .map_err(convert_err)?;
+            .map_err(to_py_err)?;
         Ok(Self {
             inner: Some(inner),
             threads,
@@ -813,7 +951,7 @@ impl Converter {
             Err(e) => {
                 // The partial shard is removed when the conversion is dropped.
                 self.inner = None;
-                return Err(convert_err(e));
+                return Err(to_py_err(e));
             }
         };
         let Some(r) = report else { return Ok(None) };
@@ -846,7 +984,7 @@ impl Converter {
             .ok_or_else(|| PyValueError::new_err("this conversion has already ended"))?;
         let p = pool(self.threads)?;
         py.detach(|| p.install(|| conversion.finish()))
-            .map_err(convert_err)
+            .map_err(to_py_err)
     }
 
     /// Abandons the conversion, deleting the shard being written.
@@ -881,7 +1019,7 @@ fn write_safetensors_file(
         entries.push((name.as_str(), dtype, shape.as_slice(), data.as_slice()?));
     }
     py.detach(|| nybble_core::safetensors::write_safetensors(&path, &entries, metadata))
-        .map_err(convert_err)
+        .map_err(to_py_err)
 }
 
 // ---------------------------------------------------------------- optimizers
@@ -1011,8 +1149,16 @@ fn adamw_step_8bit<'py>(
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    m.add("NonFiniteError", m.py().get_type::<NonFiniteError>())?;
-    m.add("CorruptFileError", m.py().get_type::<CorruptFileError>())?;
+    // Importing the classes here makes a missing nybble.errors fail the import, not an error.
+    let py = m.py();
+    m.add(
+        "NonFiniteError",
+        error_class(py, &NON_FINITE_ERROR, "NonFiniteError")?,
+    )?;
+    m.add(
+        "CorruptFileError",
+        error_class(py, &CORRUPT_FILE_ERROR, "CorruptFileError")?,
+    )?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_4bit, m)?)?;
