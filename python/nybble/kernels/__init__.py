@@ -21,7 +21,6 @@ from .reference import check_blocksize, check_quant_type
 
 __all__ = [
     "FUSED_MAX_M",
-    "LoRALinear4bitFunction",
     "Linear4bitFunction",
     "Linear8bitFunction",
     "cuda_available",
@@ -282,10 +281,6 @@ def lora_linear_4bit(
     _check_4bit_args(x, packed, absmax, shape, blocksize, quant_type)
     return linear_4bit(x, packed, absmax.float(), shape, blocksize, quant_type, bias, lora_a=lora_a.to(x.dtype),
                        lora_b=lora_b.to(x.dtype), scale=scale, x_lora=x_lora)
-
-
-#: The former name of the fused QLoRA Function (kept for callers of the 0.x API).
-LoRALinear4bitFunction = Linear4bitFunction
 
 
 # ---------------------------------------------------------------------- int8

@@ -232,8 +232,7 @@ def matmul_4bit(
     """``x @ W^T (+ bias)`` with W (out, in) decoded to x's dtype first (dequantize, then a
     dense matmul: the large-M path)."""
     w = dequantize_4bit(packed, absmax, shape, blocksize, quant_type, x.dtype)
-    out = torch.matmul(x, w.t())
-    return out if bias is None else out + bias.to(out.dtype)
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
 def lora_forward(

@@ -159,10 +159,13 @@ class Linear4bit(nn.Module):
                                     self.blocksize, self.quant_type, _decode_dtype(dtype))
         return w.to(dtype)
 
-    def compute(self, x: torch.Tensor, lora=None) -> torch.Tensor:
-        """``x W^T + bias`` (plus ``lora = (A, B, scale, x_lora)``'s term) through the one
-        4-bit autograd path; x is cast to the compute dtype and the result back to x's dtype."""
+    def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
+        """``x W^T + bias`` through the one 4-bit autograd path; x is cast to the compute dtype
+        and the result back to x's dtype. ``lora = (A, B, scale, x_lora)`` (from
+        :class:`LoraLinear`, through ``__call__`` so module hooks still run) adds the adapter
+        term in the same Function; ``x_lora`` None means x as given (before the cast)."""
         in_dtype = x.dtype
+        x_in = x
         if self.compute_dtype is not None:
             x = x.to(self.compute_dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -171,13 +174,12 @@ class Linear4bit(nn.Module):
         scale = 1.0
         if lora is not None:
             a, b, scale, x_lora = lora
+            if x_lora is None and x is not x_in:
+                x_lora = x_in  # the adapter runs on the caller's activations, not the cast ones
         return kernels.linear_4bit(x, self.packed_uint8(), absmax, (self.out_features, self.in_features),
                                    self.blocksize, self.quant_type, bias, nested_absmax=nested_absmax,
                                    nested_code=nested_code, offset=offset, lora_a=a, lora_b=b, scale=scale,
                                    x_lora=x_lora, out_dtype=in_dtype, decode_dtype=_decode_dtype(x.dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.compute(x)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

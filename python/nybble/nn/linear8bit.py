@@ -49,18 +49,15 @@ class Linear8bitLt(nn.Module):
         float32 (:func:`nybble.formats.int8_dequantize`), then cast to ``dtype``."""
         return formats.int8_dequantize(self.weight, self.SCB).to(dtype)
 
-    def compute(self, x: torch.Tensor, lora=None) -> torch.Tensor:
-        """``x W^T + bias`` (plus ``lora = (A, B, scale, x_lora)``'s term) through the one
-        LLM.int8() autograd path."""
+    def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
+        """``x W^T + bias`` through the one LLM.int8() autograd path; ``lora = (A, B, scale,
+        x_lora)`` (from :class:`LoraLinear`) adds the adapter term in the same Function."""
         a = b = x_lora = None
         scale = 1.0
         if lora is not None:
             a, b, scale, x_lora = lora
         return kernels.linear_8bit(x, self.weight, self.SCB, self.bias, self.threshold, lora_a=a, lora_b=b,
                                    scale=scale, x_lora=x_lora)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.compute(x)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

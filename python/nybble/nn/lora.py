@@ -13,6 +13,12 @@ import math
 import torch
 from torch import nn
 
+from .linear4bit import Linear4bit
+from .linear8bit import Linear8bitLt
+
+#: Base layers whose forward takes the adapter (``lora=``) into its own autograd Function.
+_FUSED_BASES = (Linear4bit, Linear8bitLt)
+
 
 class LoraLinear(nn.Module):
     def __init__(
@@ -68,10 +74,9 @@ class LoraLinear(nn.Module):
         dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else a.dtype
         h = self.lora_dropout(x)
         x_lora = None if (h is x and dtype == x.dtype) else h.to(dtype)
-        compute = getattr(self.base_layer, "compute", None)
-        if compute is not None:
+        if isinstance(self.base_layer, _FUSED_BASES):
             # A quantized base: base and adapter in one autograd Function (the fused QLoRA path).
-            return compute(x, (a.to(dtype), b.to(dtype), self.scaling, x_lora))
+            return self.base_layer(x, lora=(a.to(dtype), b.to(dtype), self.scaling, x_lora))
         out = self.base_layer(x)
         h = h.to(dtype)
         delta = nn.functional.linear(nn.functional.linear(h, a.to(dtype)), b.to(dtype)) * self.scaling

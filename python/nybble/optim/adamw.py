@@ -167,7 +167,8 @@ class AdamW(torch.optim.Optimizer):
         bufs = [state[k] for k in (("state1", "state2", "absmax1", "absmax2") if eight else ("exp_avg", "exp_avg_sq"))]
         if bufs[0].device != p.device:
             # States kept on the host (paged fallback): update a host copy, then write it back.
-            p_host, g_host = p.detach().to("cpu", copy=True).contiguous(), g.detach().to("cpu").contiguous()
+            p_host = p.detach().to("cpu", copy=True).contiguous()
+            g_host = g.detach().to("cpu", p.dtype).contiguous()
             self._step_op(p_host, g_host, bufs, eight, step, lr, beta1, beta2, eps, wd)
             p.copy_(p_host.view_as(p))
             return
