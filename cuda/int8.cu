@@ -79,6 +79,41 @@ __device__ __forceinline__ void int8_mm_dequant(const int* __restrict__ acc, lon
     }
 }
 
+// The LLM.int8() linear layer's epilogue with its LoRA term, for small M (one kernel instead
+// of dequantize, add outliers, add bias, two adapter GEMMs and an add):
+//   v = acc[i, j] * ((row_scale[i] * col_scale[j]) * (1 / 127^2))     as int8_mm_dequant
+//   v = v + addend[i, j]          (float32 (rows, cols): the outlier columns' product, or null)
+//   v = v + bias[j]               (float32, or null)
+//   out[i, j] = v + scale * sum_q xa[i, q] B[j, q]     (xa (rows, r) float32, B (cols, r)),
+// rounded once to T. Up to the LoRA term each step rounds to float32 in the order of the
+// composition nybble::int8_linear evaluates (bit-identical to it with a zero adapter).
+template <typename T>
+__device__ __forceinline__ void int8_mm_dequant_lora(const int* __restrict__ acc, long long ld_acc,
+                                                     const float* __restrict__ row_scale,
+                                                     const float* __restrict__ col_scale,
+                                                     const float* __restrict__ addend,
+                                                     const float* __restrict__ bias,
+                                                     const float* __restrict__ xa,
+                                                     const T* __restrict__ lora_b, float scale, int r,
+                                                     T* __restrict__ out, int rows, int cols) {
+    const long long numel = (long long)rows * cols;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    constexpr float kInv127Sq = 1.0f / (127.0f * 127.0f);
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < numel; i += stride) {
+        const long long row = i / cols;
+        const int c = (int)(i - row * cols);
+        const float s = __fmul_rn(__fmul_rn(row_scale[row], col_scale[c]), kInv127Sq);
+        float v = __fmul_rn((float)acc[row * ld_acc + c], s);
+        if (addend != nullptr) v = __fadd_rn(v, addend[i]);
+        if (bias != nullptr) v = __fadd_rn(v, bias[c]);
+        const float* xa_row = xa + row * r;
+        const T* b_row = lora_b + (long long)c * r;
+        float l = 0.0f;
+        for (int q = 0; q < r; ++q) l = fmaf(xa_row[q], Cvt<T>::to_f(b_row[q]), l);
+        out[i] = Cvt<T>::from_f(fmaf(l, scale, v));
+    }
+}
+
 #define NYBBLE_INT8_KERNELS(T, TN, UNUSED)                                                    \
     extern "C" __global__ void __launch_bounds__(256) nybble_int8_outlier_flags_##TN(         \
         const T* __restrict__ x, int* __restrict__ flags, long long numel, int cols,          \
@@ -95,6 +130,15 @@ __device__ __forceinline__ void int8_mm_dequant(const int* __restrict__ acc, lon
         const float* __restrict__ col_scale, const T* __restrict__ bias, T* __restrict__ out, \
         int rows, int cols) {                                                                 \
         int8_mm_dequant<T>(acc, ld_acc, row_scale, col_scale, bias, out, rows, cols);         \
+    }                                                                                         \
+    extern "C" __global__ void __launch_bounds__(256) nybble_int8_mm_dequant_lora_##TN(       \
+        const int* __restrict__ acc, long long ld_acc, const float* __restrict__ row_scale,   \
+        const float* __restrict__ col_scale, const float* __restrict__ addend,                \
+        const float* __restrict__ bias, const float* __restrict__ xa,                         \
+        const T* __restrict__ lora_b, float scale, int r, T* __restrict__ out, int rows,      \
+        int cols) {                                                                           \
+        int8_mm_dequant_lora<T>(acc, ld_acc, row_scale, col_scale, addend, bias, xa, lora_b,  \
+                                scale, r, out, rows, cols);                                   \
     }
 
 NYBBLE_FOR_EACH_FLOAT(NYBBLE_INT8_KERNELS, 0)

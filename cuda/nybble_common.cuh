@@ -102,6 +102,15 @@ struct alignas(16) Vec8 {
     T v[8];
 };
 
+// log2 of a power of two. Block indices are taken as `flat >> log2(blocksize)`: a 64-bit
+// division is a call to a software routine in PTX, whose calling convention costs a stack
+// frame and register spills in the hot loop.
+__device__ __forceinline__ int log2_pow2(int v) {
+    int s = 0;
+    while ((1 << s) < v) ++s;
+    return s;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -111,14 +111,14 @@ __device__ void adamw_32bit(T* __restrict__ p, const T* __restrict__ g, float* _
 #define NYBBLE_CONSTS float beta1, float beta2, float omb1, float omb2, float decay, float step_size, float bc2_sqrt, float eps
 #define NYBBLE_MAKE_CONSTS Consts{beta1, beta2, omb1, omb2, decay, step_size, bc2_sqrt, eps}
 
-#define NYBBLE_OPTIM_KERNELS(T, SUFFIX, UNUSED)                                                                          \
-  extern "C" __global__ void __launch_bounds__(kStateBlock) nybble_adamw_8bit_##SUFFIX(                         \
+#define NYBBLE_OPTIM_KERNELS(T, SUFFIX, UNUSED)                                                                   \
+  extern "C" __global__ void __launch_bounds__(kStateBlock) nybble_adamw_8bit_##SUFFIX(                           \
       T* p, const T* g, unsigned char* s1, unsigned char* s2, float* absmax1, float* absmax2, const float* code1, \
       const float* code2, long long n, NYBBLE_CONSTS) {                                                           \
     adamw_8bit<T>(p, g, s1, s2, absmax1, absmax2, code1, code2, n, NYBBLE_MAKE_CONSTS);                           \
   }                                                                                                               \
-  extern "C" __global__ void nybble_adamw_32bit_##SUFFIX(T* p, const T* g, float* m, float* v, long long n,        \
-                                                          NYBBLE_CONSTS) {                                        \
+  extern "C" __global__ void __launch_bounds__(kStateBlock) nybble_adamw_32bit_##SUFFIX(                          \
+      T* p, const T* g, float* m, float* v, long long n, NYBBLE_CONSTS) {                                         \
     adamw_32bit<T>(p, g, m, v, n, NYBBLE_MAKE_CONSTS);                                                            \
   }
 

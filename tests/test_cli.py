@@ -117,7 +117,7 @@ def test_missing_input(tmp_path):
     [
         ("truncate", "truncated"),
         ("garbage_header", "not valid JSON"),
-        ("huge_header", "exceeds the limit"),
+        ("huge_header", "not a safetensors file"),
         ("unknown_dtype", "unknown dtype"),
         ("overlap", "overlapping"),
     ],

@@ -32,7 +32,7 @@ import nybble.int8  # noqa: E402
 import nybble.quant  # noqa: E402
 from nybble import _core  # noqa: E402
 from nybble import kernels as dispatch  # noqa: E402
-from nybble.kernels import _cuda, _source  # noqa: E402
+from nybble.kernels import _cuda, _source, ops  # noqa: E402
 from nybble.kernels import optim as kopt  # noqa: E402
 from nybble.kernels import reference as ref  # noqa: E402
 
@@ -211,8 +211,13 @@ def spread_values(shape, gen: torch.Generator) -> torch.Tensor:
 
 def test_every_launched_kernel_is_emulated(emulator):
     for file, names in _source.KERNELS.items():
-        missing = set(names) - set(emulator.library(file).kernels)
+        lib = emulator.library(file)
+        missing = set(names) - set(lib.kernels)
         assert not missing, f"{file} lacks {sorted(missing)}"
+        # The launch sizes the launchers and the occupancy table use are the compiled bounds.
+        wrong = {n: (lib.max_threads[n], _source.block_threads(n)) for n in names
+                 if lib.max_threads[n] != _source.block_threads(n)}  # fmt: skip
+        assert not wrong, f"{file}: __launch_bounds__ vs _source.BLOCK_THREADS: {wrong}"
 
 
 # ---------------------------------------------------------------------- 4-bit quantize / dequantize
@@ -370,6 +375,214 @@ def test_gemv_4bit_within_float32_error_bound(k, emulator, gen, quant_type, dtyp
         assert bool((error <= bound).all()), (
             f"{(out_f, in_f, blocksize)}: worst error {float(error.max()):.3g} vs bound {float(bound.min()):.3g}"
         )
+
+
+# ---------------------------------------------------------------------- QLoRA kernels
+
+U32 = 2.0**-24
+
+
+def gamma(depth: int) -> float:
+    """Higham's gamma_d = d u / (1 - d u): the relative bound of d float32 roundings in a chain."""
+    return depth * U32 / (1 - depth * U32)
+
+
+def output_rounding(exact: torch.Tensor, f32_error: torch.Tensor, dtype) -> torch.Tensor:
+    """The float32 error plus the final rounding to ``dtype`` (and half a float32 subnormal step)."""
+    return f32_error + UNIT_ROUNDOFF[dtype] * (exact.abs() + f32_error) + 2.0**-25
+
+
+def lora_down_bound(xl64, a64) -> torch.Tensor:
+    """lora.cu: each lane chains 8 fmaf per 256 columns it visits, then 5 levels of warp sum."""
+    depth = 8 * math.ceil(xl64.shape[1] / 256) + 5
+    return gamma(depth) * (xl64.abs() @ a64.abs().t())
+
+
+def _adapter(gen, rank, out_f, in_f, dtype, stacked=None):
+    lead = () if stacked is None else (stacked,)
+    a = (torch.randn(*lead, rank, in_f, generator=gen) * 0.05).to(dtype)
+    b = (torch.randn(*lead, out_f, rank, generator=gen) * 0.05).to(dtype)
+    return a, b
+
+
+#: (rank, rows M, dtype, quant_type, blocksize, out_features, in_features, bias): ranks 1, 8
+#: and 64; row tiles 1, 4, 16 (partial) and two tiles of 16; K past one warp stride of the GEMV
+#: (1088: lanes take 1 or 2 steps) and of the down projection (320, 1088).
+LORA_GEMV_CASES = [
+    (1, 1, torch.bfloat16, "nf4", 64, 37, 96, False),
+    (8, 3, torch.float16, "fp4", 128, 37, 320, True),
+    (64, 9, torch.float32, "nf4", 32, 21, 1088, True),
+    (8, 17, torch.bfloat16, "nf4", 64, 6, 64, True),
+]
+
+
+@pytest.mark.parametrize("case", LORA_GEMV_CASES, ids=lambda c: f"r{c[0]}-m{c[1]}-{str(c[2])[6:]}-{c[3]}")
+def test_gemv_4bit_lora_epilogue_within_float32_error_bound(k, emulator, gen, case):
+    """x A^T by lora.cu, then the GEMV with the LoRA epilogue, against float64 math."""
+    rank, m, dtype, quant_type, blocksize, out_f, in_f, with_bias = case
+    w = torch.randn(out_f, in_f, generator=gen) * 0.02
+    packed, absmax = ref.quantize_4bit(w, blocksize, quant_type)
+    x = torch.randn(m, in_f, generator=gen).to(dtype)
+    xl = torch.randn(m, in_f, generator=gen).to(dtype)  # the adapter's own input (dropout)
+    a, b = _adapter(gen, rank, out_f, in_f, dtype)
+    bias = torch.randn(out_f, generator=gen).to(dtype) if with_bias else None
+    scale = 1.75
+
+    xa = run_twice(emulator, lambda o: k.launch_lora_down(xl, a, None, o), ((m, rank), torch.float32))
+    xl64, a64, b64 = xl.double(), a.double(), b.double()
+    xa64 = xl64 @ a64.t()
+    down_bound = lora_down_bound(xl64, a64)
+    assert bool(((xa.double() - xa64).abs() <= down_bound).all()), "x A^T"
+
+    out = run_twice(
+        emulator,
+        lambda o: k.launch_gemv_4bit_lora(x, packed, absmax, bias, xa, b, None, None, scale, o, blocksize, quant_type),
+        ((m, out_f), dtype),
+    )
+    w64 = ref.dequantize_4bit(packed, absmax, (out_f, in_f), blocksize, quant_type, torch.float64)
+    bias64 = 0 if bias is None else bias.double()
+    exact = x.double() @ w64.t() + bias64 + scale * (xa64 @ b64.t())
+    # Base and LoRA products share one accumulator: 32 fmaf per chunk, one per later chunk,
+    # one per 32 adapter columns, the rounding of s * B, the warp sum and the bias add. x A^T
+    # enters with the down projection's error.
+    depth = 32 + math.ceil(in_f / 1024) + math.ceil(rank / 32) + 1 + 5 + 1
+    magnitude = x.double().abs() @ w64.abs().t() + (0 if bias is None else bias.double().abs())
+    magnitude = magnitude + scale * (xa64.abs() @ b64.abs().t())
+    f32_error = gamma(depth) * magnitude + scale * (down_bound @ b64.abs().t()) * (1 + gamma(depth))
+    error = (out.double() - exact).abs()
+    bound = output_rounding(exact, f32_error, dtype)
+    assert bool((error <= bound).all()), f"worst error {float(error.max()):.3g}, bound {float(bound.min()):.3g}"
+
+
+def test_gemv_4bit_lora_with_an_adapter_per_row(k, emulator, gen):
+    """Stacked adapters: each row its own A / B and scale; index -1 and one past the end mean
+    no adapter (x A^T = 0 exactly, the base output)."""
+    adapters, rank, m, out_f, in_f, dtype = 3, 8, 7, 37, 96, torch.bfloat16
+    w = torch.randn(out_f, in_f, generator=gen) * 0.02
+    packed, absmax = ref.quantize_4bit(w, 64, "nf4")
+    x = torch.randn(m, in_f, generator=gen).to(dtype)
+    a, b = _adapter(gen, rank, out_f, in_f, dtype, stacked=adapters)
+    index = torch.tensor([2, -1, 0, 1, 2, 3, 0], dtype=torch.int32)
+    per_adapter = torch.tensor([0.5, 2.0, 1.5])
+    scale = 0.75
+    xa = run_twice(emulator, lambda o: k.launch_lora_down(x, a, index, o), ((m, rank), torch.float32))
+    out = run_twice(
+        emulator,
+        lambda o: k.launch_gemv_4bit_lora(x, packed, absmax, None, xa, b, index, per_adapter, scale, o, 64, "nf4"),
+        ((m, out_f), dtype),
+    )
+    w64 = ref.dequantize_4bit(packed, absmax, (out_f, in_f), 64, "nf4", torch.float64)
+    x64 = x.double()
+    base = x64 @ w64.t()
+    depth = 32 + 1 + 1 + 1 + 5
+    for i, j in enumerate(index.tolist()):
+        if not 0 <= j < adapters:
+            assert bool((xa[i] == 0).all()), f"row {i}: x A^T of a row without an adapter"
+            exact, mag = base[i], x64[i].abs() @ w64.abs().t()
+            f32_error = gamma(depth) * mag
+        else:
+            a64, b64, s = a[j].double(), b[j].double(), scale * float(per_adapter[j])
+            xa64 = x64[i] @ a64.t()
+            down = lora_down_bound(x64[i : i + 1], a64)[0]
+            assert bool(((xa[i].double() - xa64).abs() <= down).all()), f"row {i}: x A^T"
+            exact = base[i] + s * (b64 @ xa64)
+            mag = x64[i].abs() @ w64.abs().t() + s * (b64.abs() @ xa64.abs())
+            f32_error = gamma(depth) * mag + s * (b64.abs() @ down) * (1 + gamma(depth))
+        error = (out[i].double() - exact).abs()
+        assert bool((error <= output_rounding(exact, f32_error, dtype)).all()), f"row {i} (adapter {j})"
+
+
+#: (rank or None, rows M, dtype, quant_type, blocksize, out_features N, in_features K, splits):
+#: K not a multiple of 32 and one column tile with idle threads; two splits whose rows come in
+#: chunks of 32 and 18; two column tiles (the second with one active thread), two row tiles
+#: and ragged splits (24, 24, 22); rank 64 with a block larger than the matrix.
+GEMV_T_CASES = [
+    (None, 1, torch.float32, "nf4", 64, 40, 264, 1),
+    (1, 5, torch.bfloat16, "fp4", 32, 100, 264, 2),
+    (8, 11, torch.float16, "nf4", 128, 70, 1032, 3),
+    (64, 2, torch.bfloat16, "nf4", 4096, 33, 64, 1),
+]
+
+
+@pytest.mark.parametrize("case", GEMV_T_CASES, ids=lambda c: f"r{c[0]}-m{c[1]}-{str(c[2])[6:]}-{c[3]}-s{c[7]}")
+def test_gemv_4bit_t_within_float32_error_bound(k, emulator, gen, case):
+    """dX = g W + grad_xa A: the split partial sums (the workspace is poisoned too, so every
+    element of it must be written) and the finishing kernel, against float64 math."""
+    rank, m, dtype, quant_type, blocksize, out_f, in_f, splits = case
+    w = torch.randn(out_f, in_f, generator=gen) * 0.02
+    packed, absmax = ref.quantize_4bit(w, blocksize, quant_type)
+    g = torch.randn(m, out_f, generator=gen).to(dtype)
+    gxa = a = None
+    if rank is not None:
+        gxa = torch.randn(m, rank, generator=gen) * 0.3
+        a = (torch.randn(rank, in_f, generator=gen) * 0.05).to(dtype)
+    _, splits, rows_per_split = k.gemv_t_plan(m, out_f, in_f, EMULATED_SMS, splits)
+    ws, out = run_twice(
+        emulator,
+        lambda ws, o: k.launch_gemv_4bit_t(g, packed, absmax, gxa, a, ws, o, blocksize, quant_type, rows_per_split),
+        ((splits, m, in_f), torch.float32),
+        ((m, in_f), dtype),
+    )
+    w64 = ref.dequantize_4bit(packed, absmax, (out_f, in_f), blocksize, quant_type, torch.float64)
+    g64 = g.double()
+    exact = g64 @ w64
+    magnitude = g64.abs() @ w64.abs()
+    if rank is not None:
+        exact = exact + gxa.double() @ a.double()
+        magnitude = magnitude + gxa.double().abs() @ a.double().abs()
+    # Each weight is one float32 product (code * absmax), each split chains one fmaf per row,
+    # the splits are summed in order, then r fmaf and an add.
+    depth = 1 + rows_per_split + splits + (rank or 0) + 2
+    error = (out.double() - exact).abs()
+    bound = output_rounding(exact, gamma(depth) * magnitude, dtype)
+    assert bool((error <= bound).all()), f"worst error {float(error.max()):.3g}, bound {float(bound.min()):.3g}"
+    # The workspace holds each split's partial product g[:, rows] W[rows] within its own bound.
+    for s_ in range(splits):
+        rows = slice(s_ * rows_per_split, min(out_f, (s_ + 1) * rows_per_split))
+        part = g64[:, rows] @ w64[rows]
+        part_bound = gamma(rows_per_split + 1) * (g64[:, rows].abs() @ w64[rows].abs()) + 2.0**-126
+        assert bool(((ws[s_].double() - part).abs() <= part_bound).all()), f"workspace split {s_}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_int8_mm_dequant_lora_epilogue(k, emulator, gen, dtype):
+    """The LLM.int8() epilogue with outliers, bias and the LoRA term: with a zero adapter
+    scale bit-identical to the op composition's float32 steps; otherwise within the float32
+    bound of float64 math. (130, 70): more than one grid-stride pass."""
+    for m, kdim, n, rank, with_addend, with_bias in [(3, 40, 24, 1, True, False), (17, 64, 33, 8, False, True),
+                                                     (130, 8, 70, 64, True, True)]:
+        q_a = torch.randint(-128, 128, (m, kdim), generator=gen, dtype=torch.int8)
+        q_b = torch.randint(-128, 128, (n, kdim), generator=gen, dtype=torch.int8)
+        sa, sb = torch.rand(m, generator=gen) * 4, torch.rand(n, generator=gen) * 4
+        addend = torch.randn(m, n, generator=gen) * 3 if with_addend else None
+        bias = torch.randn(n, generator=gen) if with_bias else None
+        xa = torch.randn(m, rank, generator=gen)
+        b = (torch.randn(n, rank, generator=gen) * 0.1).to(dtype)
+        acc = _cuda.int_mm_padded(q_a, q_b)
+        for scale in (0.0, 1.5):
+            out = run_twice(
+                emulator,
+                lambda o: k.launch_int8_mm_dequant_lora(acc, sa, sb, addend, bias, xa, b, scale, o),
+                ((m, n), dtype),
+            )
+            base32 = ref.int8_matmul_dequant(q_a, q_b, sa, sb, None, torch.float32)
+            if addend is not None:
+                base32 = base32 + addend
+            if bias is not None:
+                base32 = base32 + bias
+            if scale == 0.0:
+                assert_bits_equal(out, base32.to(dtype), f"{(m, kdim, n)}: zero adapter vs the composition")
+                continue
+            exact = ref.int8_matmul_dequant(q_a, q_b, sa, sb, None, torch.float64)
+            magnitude = exact.abs()
+            if addend is not None:
+                exact, magnitude = exact + addend.double(), magnitude + addend.double().abs()
+            if bias is not None:
+                exact, magnitude = exact + bias.double(), magnitude + bias.double().abs()
+            exact = exact + scale * (xa.double() @ b.double().t())
+            magnitude = magnitude + scale * (xa.double().abs() @ b.double().abs().t())
+            bound = output_rounding(exact, gamma(rank + 8) * magnitude, dtype)
+            assert bool(((out.double() - exact).abs() <= bound).all()), f"{(m, kdim, n)} rank {rank}"
 
 
 # ---------------------------------------------------------------------- LLM.int8()
@@ -539,6 +752,148 @@ def test_dispatch_functions_on_emulated_kernels(k, gen, monkeypatch):
     sa, sb = torch.rand(10, generator=gen), torch.rand(12, generator=gen)
     got = _cuda.int8_matmul_dequant(q_a, q_b, sa, sb, None, torch.bfloat16)
     assert_bits_equal(got, ref.int8_matmul_dequant(q_a, q_b, sa, sb, None, torch.bfloat16), "int8_matmul_dequant")
+
+
+def _rel_close(got: torch.Tensor, exact: torch.Tensor, magnitude: torch.Tensor, eps: float, what: str) -> None:
+    err = (got.double() - exact).abs()
+    assert bool((err <= eps * magnitude + 1e-6).all()), f"{what}: worst error {float(err.max()):.3g}"
+
+
+@pytest.fixture
+def emulated_cuda(k, monkeypatch):
+    """The CUDA implementations of the ops (``_cuda``) on the emulated kernels: CPU tensors
+    stand in for device memory, one scratch buffer stands in for the device's."""
+    monkeypatch.setattr(_cuda, "cupy_backend", lambda: k)
+    monkeypatch.setattr(_cuda, "_scratch_key", lambda device: ("emulated", 0))
+    monkeypatch.setattr(_cuda, "_SCRATCH_STEP", 4096)  # small steps: growth shows on small weights
+    _cuda.release_scratch()
+    yield k
+    _cuda.release_scratch()
+
+
+def test_qlora_dispatch_on_emulated_kernels(emulated_cuda, gen):
+    """matmul_4bit_lora / matmul_4bit_grad_input / int8_linear_lora as the CUDA dispatch runs
+    them: small M on the fused kernels, large M through the reused scratch buffer + GEMMs."""
+    out_f, in_f, rank, scale = 40, 96, 8, 1.5
+    w = torch.randn(out_f, in_f, generator=gen) * 0.02
+    packed, absmax = ref.quantize_4bit(w, 64, "nf4")
+    w64 = ref.dequantize_4bit(packed, absmax, (out_f, in_f), 64, "nf4", torch.float64)
+    a, b = _adapter(gen, rank, out_f, in_f, torch.bfloat16)
+    a64, b64 = a.double(), b.double()
+    bias = torch.randn(out_f, generator=gen).to(torch.bfloat16)
+    for lead in ((2, 3), (70,)):  # 6 rows: the kernels; 70 rows: scratch + GEMMs
+        x = torch.randn(*lead, in_f, generator=gen).to(torch.bfloat16)
+        xl = torch.randn(*lead, in_f, generator=gen).to(torch.bfloat16)
+        out, xa = _cuda.matmul_4bit_lora(x, packed, absmax, (out_f, in_f), 64, "nf4", bias, xl, a, b, scale, None,
+                                         None)
+        assert out.shape == (*lead, out_f) and out.dtype == torch.bfloat16
+        assert xa.shape == (*lead, rank) and xa.dtype == torch.bfloat16
+        x64, xl64 = x.double().reshape(-1, in_f), xl.double().reshape(-1, in_f)
+        exact = x64 @ w64.t() + bias.double() + scale * (xl64 @ a64.t()) @ b64.t()
+        mag = x64.abs() @ w64.abs().t() + bias.double().abs() + scale * (xl64.abs() @ a64.abs().t()) @ b64.abs().t()
+        _rel_close(out.reshape(-1, out_f), exact, mag, 2.0**-6, f"matmul_4bit_lora {lead}")
+        _rel_close(xa.reshape(-1, rank), xl64 @ a64.t(), xl64.abs() @ a64.abs().t(), 2.0**-7, f"x A^T {lead}")
+
+        g = torch.randn(*lead, out_f, generator=gen).to(torch.bfloat16)
+        gxa = torch.randn(math.prod(lead), rank, generator=gen).to(torch.bfloat16)
+        for with_lora in (False, True):
+            got = _cuda.matmul_4bit_grad_input(g, packed, absmax, (out_f, in_f), 64, "nf4",
+                                               gxa if with_lora else None, a if with_lora else None)
+            assert got.shape == (*lead, in_f) and got.dtype == torch.bfloat16
+            g64 = g.double().reshape(-1, out_f)
+            exact, mag = g64 @ w64, g64.abs() @ w64.abs()
+            if with_lora:
+                exact, mag = exact + gxa.double() @ a64, mag + gxa.double().abs() @ a64.abs()
+            _rel_close(got.reshape(-1, in_f), exact, mag, 2.0**-6, f"grad_input {lead} lora={with_lora}")
+
+    # The scratch buffer: allocated once, reused for the same or smaller weights, grown for larger.
+    assert len(_cuda._SCRATCH) == 1
+    buf = next(iter(_cuda._SCRATCH.values()))
+    x = torch.randn(80, in_f, generator=gen).to(torch.bfloat16)
+    _cuda.matmul_4bit(x, packed, absmax, (out_f, in_f), 64, "nf4", None)
+    assert next(iter(_cuda._SCRATCH.values())) is buf
+    big = torch.randn(buf.numel() // (2 * 64) + 8, 64, generator=gen) * 0.02  # more bf16 bytes than buf holds
+    p_big, a_big = ref.quantize_4bit(big, 64, "nf4")
+    x = torch.randn(70, 64, generator=gen).to(torch.bfloat16)
+    got = _cuda.matmul_4bit(x, p_big, a_big, tuple(big.shape), 64, "nf4", None)
+    grown = next(iter(_cuda._SCRATCH.values()))
+    assert grown is not buf and grown.numel() >= big.numel() * 2 and len(_cuda._SCRATCH) == 1
+    big64 = ref.dequantize_4bit(p_big, a_big, tuple(big.shape), 64, "nf4", torch.float64)
+    _rel_close(got, x.double() @ big64.t(), x.double().abs() @ big64.abs().t(), 2.0**-6, "grown scratch")
+
+    # Multi-adapter serving through the dispatch: the fused path, then the reference's loop.
+    stacked_a, stacked_b = _adapter(gen, rank, out_f, in_f, torch.float16, stacked=2)
+    index = torch.tensor([1, -1, 0, 1])
+    x = torch.randn(4, in_f, generator=gen).to(torch.float16)
+    fused, _ = _cuda.matmul_4bit_lora(x, packed, absmax, (out_f, in_f), 64, "nf4", None, None, stacked_a, stacked_b,
+                                      2.0, index, torch.tensor([1.0, 0.5]))
+    expected, _ = ref.matmul_4bit_lora(x.double(), packed, absmax, (out_f, in_f), 64, "nf4", None, None,
+                                       stacked_a.double(), stacked_b.double(), 2.0, index, torch.tensor([1.0, 0.5]))
+    mag = x.double().abs() @ w64.abs().t() + 2 * (x.double().abs() @ stacked_a.double().abs()[1].t()).abs().sum()
+    _rel_close(fused, expected, mag, 2.0**-9, "multi-adapter")
+
+    # LLM.int8() with its LoRA term: small M on the epilogue kernel (with outlier columns), large M composed.
+    q_w = torch.randint(-127, 128, (out_f, in_f), generator=gen, dtype=torch.int8)
+    scb = torch.rand(out_f, generator=gen) * 0.1 + 0.01
+    a16, b16 = a.to(torch.float16), b.to(torch.float16)
+    for rows in (5, 70):
+        x = (torch.randn(rows, in_f, generator=gen)).to(torch.float16)
+        x[:, 7] = 9.0  # an outlier column at threshold 6
+        got, xa = _cuda.int8_linear_lora(x, q_w, scb, bias.float(), 6.0, None, a16, b16, scale, ops._int8_linear)
+        expected, xa_ref = ref.int8_linear_lora(x, q_w, scb, bias.float(), 6.0, None, a16.float().to(torch.float16),
+                                                b16, scale)
+        assert got.dtype == torch.float16 and xa.dtype == torch.float16
+        torch.testing.assert_close(got, expected, rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(xa, xa_ref, rtol=2e-3, atol=2e-3)
+
+
+def test_layer_functions_use_the_fused_ops_on_emulated_kernels(emulated_cuda, gen, monkeypatch):
+    """Linear4bitFunction / Linear8bitFunction wired as on CUDA (the op's CUDA kernels behind the
+    CPU dispatch key): the fused forward and the transposed-GEMV backward are what runs, and
+    values and gradients match float64 autograd."""
+    launched: list[str] = []
+    real_launch = emulated_cuda._launch
+
+    def spy(file, name, device, grid, block, args):
+        launched.append(name)
+        real_launch(file, name, device, grid, block, args)
+
+    monkeypatch.setattr(emulated_cuda, "_launch", spy)
+    monkeypatch.setattr(_cuda, "lora_fusable", lambda x, xl, a, b: True)
+    monkeypatch.setattr(_cuda, "grad_input_fusable", lambda g, a: True)
+    monkeypatch.setattr(ops, "_matmul_4bit_lora_cpu", _cuda.matmul_4bit_lora)
+    monkeypatch.setattr(ops, "_matmul_4bit_grad_input_cpu", _cuda.matmul_4bit_grad_input)
+    monkeypatch.setattr(ops, "_int8_linear_lora_cpu", ops._int8_linear_lora_cuda)
+
+    out_f, in_f, rank, scale = 24, 64, 4, 2.0
+    w = torch.randn(out_f, in_f, generator=gen) * 0.05
+    packed, absmax = ref.quantize_4bit(w, 64, "nf4")
+    w64 = ref.dequantize_4bit(packed, absmax, (out_f, in_f), 64, "nf4", torch.float64)
+    leaves = [torch.randn(3, in_f, generator=gen), torch.randn(rank, in_f, generator=gen) * 0.1,
+              torch.randn(out_f, rank, generator=gen) * 0.1, torch.randn(out_f, generator=gen)]
+    x, a, b, bias = (t.clone().requires_grad_() for t in leaves)
+    out = dispatch.lora_linear_4bit(x, packed, absmax, (out_f, in_f), 64, "nf4", a, b, scale, bias=bias)
+    grad = torch.randn(out.shape, generator=gen)
+    out.backward(grad)
+    assert {"nybble_lora_down_f32_m4", "nybble_gemv_4bit_lora_nf4_f32_m4", "nybble_gemv_4bit_t_partial_nf4_f32_m4",
+            "nybble_gemv_4bit_t_finish_f32"} <= set(launched), launched
+    e = [t.double().clone().requires_grad_() for t in leaves]
+    expected = e[0] @ w64.t() + e[3] + scale * (e[0] @ e[1].t()) @ e[2].t()
+    expected.backward(grad.double())
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    for got, exp, name in zip((x, a, b, bias), e, ("x", "A", "B", "bias")):
+        torch.testing.assert_close(got.grad.double(), exp.grad, rtol=1e-5, atol=1e-5, msg=name)
+
+    launched.clear()
+    q_w = torch.randint(-127, 128, (out_f, in_f), generator=gen, dtype=torch.int8)
+    scb = torch.rand(out_f, generator=gen) + 0.5
+    x8, a8, b8 = (t.clone().requires_grad_() for t in leaves[:3])
+    out8 = dispatch.linear_8bit(x8, q_w, scb, None, 6.0, lora_a=a8, lora_b=b8, scale=scale)
+    assert "nybble_int8_mm_dequant_lora_f32" in launched and "nybble_lora_down_f32_m4" in launched, launched
+    expected8, _ = ref.int8_linear_lora(leaves[0], q_w, scb, None, 6.0, None, leaves[1], leaves[2], scale)
+    torch.testing.assert_close(out8, expected8, rtol=1e-4, atol=1e-4)
+    out8.sum().backward()
+    assert x8.grad is not None and a8.grad is not None and b8.grad is not None
 
 
 # ---------------------------------------------------------------------- the emulator itself

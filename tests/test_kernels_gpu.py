@@ -176,8 +176,9 @@ def test_int8_mm_dequant_kernel_against_float64(k, gen, dtype):
         assert torch.all((out.double() - exp).abs() <= eps * exp.abs() + 1e-3)
 
 
-def test_lora_linear_4bit_on_gpu_against_float64(gen):
-    m, out_f, in_f, r, scale = 300, 256, 512, 8, 2.0
+@pytest.mark.parametrize("m", [4, 300])  # the fused small-M kernels; the scratch + cuBLAS path
+def test_lora_linear_4bit_on_gpu_against_float64(gen, m):
+    out_f, in_f, r, scale = 256, 512, 8, 2.0
     w = torch.randn(out_f, in_f, generator=gen, device=DEV) * 0.02
     packed, absmax = kernels.quantize_4bit(w, 64, "nf4")
     w64 = ref.dequantize_4bit(packed, absmax, (out_f, in_f), 64, "nf4", torch.float64)
@@ -194,6 +195,126 @@ def test_lora_linear_4bit_on_gpu_against_float64(gen):
     assert torch.allclose(out.double(), expected, rtol=1e-4, atol=1e-4)
     for got, exp in zip(leaves, e):
         assert torch.allclose(got.grad.double(), exp.grad, rtol=1e-4, atol=1e-3)
+
+
+def _bound(exact, magnitude, dtype):
+    eps = {torch.float32: 2.0**-14, torch.float16: 2.0**-9, torch.bfloat16: 2.0**-7}[dtype]
+    return eps * magnitude + 1e-6
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rank", [1, 8, 64])
+@pytest.mark.parametrize("m", [1, 3, 9, 16, 17, 64])
+def test_gemv_4bit_lora_kernels_against_float64(k, gen, dtype, rank, m):
+    for out_f, in_f, blocksize in [(37, 96, 64), (4099, 1024, 128), (257, 4096, 4096)]:
+        w = torch.randn(out_f, in_f, generator=gen, device=DEV) * 0.02
+        packed, absmax = ref.quantize_4bit(w, blocksize, "nf4")
+        x = torch.randn(m, in_f, generator=gen, device=DEV).to(dtype)
+        xl = torch.randn(m, in_f, generator=gen, device=DEV).to(dtype)
+        a = (torch.randn(rank, in_f, generator=gen, device=DEV) * 0.05).to(dtype)
+        b = (torch.randn(out_f, rank, generator=gen, device=DEV) * 0.05).to(dtype)
+        bias = torch.randn(out_f, generator=gen, device=DEV).to(dtype)
+        xa = twice(lambda o: k.launch_lora_down(xl, a, None, o), lambda: poisoned((m, rank), torch.float32))
+        xa64 = xl.double() @ a.double().t()
+        assert torch.all((xa.double() - xa64).abs() <= 2.0**-18 * (xl.double().abs() @ a.double().abs().t()) + 1e-6)
+        out = twice(lambda o: k.launch_gemv_4bit_lora(x, packed, absmax, bias, xa, b, None, None, 1.5, o, blocksize,
+                                                      "nf4"), lambda: poisoned((m, out_f), dtype))
+        w64 = ref.dequantize_4bit(packed, absmax, (out_f, in_f), blocksize, "nf4", torch.float64)
+        exact = x.double() @ w64.t() + bias.double() + 1.5 * xa64 @ b.double().t()
+        mag = x.double().abs() @ w64.abs().t() + bias.double().abs() + 1.5 * xa64.abs() @ b.double().abs().t()
+        assert torch.all((out.double() - exact).abs() <= _bound(exact, mag, dtype)), (out_f, in_f)
+
+
+def test_gemv_4bit_lora_adapter_per_row_on_gpu(gen):
+    out_f, in_f, adapters, rank, m = 515, 640, 5, 16, 40
+    w = torch.randn(out_f, in_f, generator=gen, device=DEV) * 0.02
+    packed, absmax = kernels.quantize_4bit(w, 64, "nf4")
+    a = (torch.randn(adapters, rank, in_f, generator=gen, device=DEV) * 0.05).to(torch.bfloat16)
+    b = (torch.randn(adapters, out_f, rank, generator=gen, device=DEV) * 0.05).to(torch.bfloat16)
+    idx = torch.randint(-1, adapters, (m,), generator=gen, device=DEV)
+    scales = torch.rand(adapters, generator=gen, device=DEV) + 0.5
+    x = torch.randn(m, in_f, generator=gen, device=DEV).to(torch.bfloat16)
+    got = kernels.multi_lora_linear_4bit(x, packed, absmax, (out_f, in_f), 64, "nf4", a, b, idx, 2.0, scales)
+    exp, _ = ref.matmul_4bit_lora(x.double(), packed, absmax, (out_f, in_f), 64, "nf4", None, None, a.double(),
+                                  b.double(), 2.0, idx, scales)
+    w64 = ref.dequantize_4bit(packed, absmax, (out_f, in_f), 64, "nf4", torch.float64)
+    mag = x.double().abs() @ w64.abs().t() + exp.abs()
+    assert torch.all((got.double() - exp).abs() <= _bound(exp, mag, torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rank", [None, 1, 8, 64])
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 13, 33, 64])
+def test_gemv_4bit_t_kernels_against_float64(k, gen, dtype, rank, m):
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for out_f, in_f, blocksize, splits in [(40, 264, 64, None), (4099, 1024, 128, None), (1000, 4104, 64, 7),
+                                           (257, 4096, 4096, None)]:
+        w = torch.randn(out_f, in_f, generator=gen, device=DEV) * 0.02
+        packed, absmax = ref.quantize_4bit(w, blocksize, "nf4")
+        g = torch.randn(m, out_f, generator=gen, device=DEV).to(dtype)
+        gxa = a = None
+        if rank is not None:
+            gxa = torch.randn(m, rank, generator=gen, device=DEV) * 0.3
+            a = (torch.randn(rank, in_f, generator=gen, device=DEV) * 0.05).to(dtype)
+        _, splits, rows = k.gemv_t_plan(m, out_f, in_f, sms, splits)
+        ws, out = twice(lambda ws, o: k.launch_gemv_4bit_t(g, packed, absmax, gxa, a, ws, o, blocksize, "nf4", rows),
+                        lambda: (poisoned((splits, m, in_f), torch.float32), poisoned((m, in_f), dtype)))
+        w64 = ref.dequantize_4bit(packed, absmax, (out_f, in_f), blocksize, "nf4", torch.float64)
+        exact, mag = g.double() @ w64, g.double().abs() @ w64.abs()
+        if rank is not None:
+            exact, mag = exact + gxa.double() @ a.double(), mag + gxa.double().abs() @ a.double().abs()
+        assert torch.all((out.double() - exact).abs() <= _bound(exact, mag, dtype)), (out_f, in_f, splits)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int8_mm_dequant_lora_kernel_against_float64(k, gen, dtype):
+    for m, kdim, n, rank in [(1, 64, 24, 1), (17, 256, 1000, 8), (64, 4096, 4096, 64)]:
+        q_a = torch.randint(-128, 128, (m, kdim), generator=gen, device=DEV, dtype=torch.int8)
+        q_b = torch.randint(-128, 128, (n, kdim), generator=gen, device=DEV, dtype=torch.int8)
+        sa = torch.rand(m, generator=gen, device=DEV) * 4
+        sb = torch.rand(n, generator=gen, device=DEV) * 4
+        addend = torch.randn(m, n, generator=gen, device=DEV)
+        bias = torch.randn(n, generator=gen, device=DEV)
+        xa = torch.randn(m, rank, generator=gen, device=DEV)
+        b = (torch.randn(n, rank, generator=gen, device=DEV) * 0.1).to(dtype)
+        acc = _cuda.int_mm_padded(q_a, q_b)
+        out = twice(lambda o: k.launch_int8_mm_dequant_lora(acc, sa, sb, addend, bias, xa, b, 1.5, o),
+                    lambda: poisoned((m, n), dtype))
+        base = ref.int8_matmul_dequant(q_a, q_b, sa, sb, None, torch.float64) + addend.double() + bias.double()
+        exact = base + 1.5 * xa.double() @ b.double().t()
+        mag = base.abs() + 1.5 * xa.double().abs() @ b.double().abs().t()
+        assert torch.all((out.double() - exact).abs() <= _bound(exact, mag, dtype) + 2.0**-20 * mag)
+
+
+def test_qlora_layers_take_the_fused_kernels_on_gpu(gen, monkeypatch):
+    """LoraLinear over Linear4bit / Linear8bitLt at decode size: the fused kernels run (forward
+    and backward), and the scratch buffer is reused across large-M calls."""
+    from nybble.kernels import _cupy
+    from nybble.nn import Linear4bit, Linear8bitLt, LoraLinear
+
+    launched = []
+    real = _cupy._launch
+    monkeypatch.setattr(_cupy, "_launch", lambda file, name, *a: (launched.append(name), real(file, name, *a)))
+    lin = torch.nn.Linear(512, 384).to(DEV)
+    for base, expect in ((Linear4bit.from_linear(lin, compute_dtype=torch.bfloat16), "nybble_gemv_4bit_lora_nf4_bf16_m4"),
+                         (Linear8bitLt.from_linear(lin), "nybble_int8_mm_dequant_lora_bf16")):
+        layer = LoraLinear(base.to(DEV), r=8, alpha=16)
+        with torch.no_grad():
+            layer.lora_B.weight.normal_(std=0.05)
+        x = torch.randn(4, 512, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+        launched.clear()
+        layer(x).float().sum().backward()
+        assert expect in launched, launched
+        if isinstance(base, Linear4bit):
+            assert "nybble_gemv_4bit_t_partial_nf4_bf16_m4" in launched, launched
+    kernels.release_scratch()
+    w = torch.randn(1024, 512, device=DEV) * 0.02
+    packed, absmax = kernels.quantize_4bit(w, 64, "nf4")
+    x = torch.randn(300, 512, device=DEV, dtype=torch.bfloat16)
+    kernels.matmul_4bit(x, packed, absmax, (1024, 512), 64, "nf4")
+    buffers = [t.data_ptr() for t in _cuda._SCRATCH.values()]
+    kernels.matmul_4bit(x, packed, absmax, (1024, 512), 64, "nf4")
+    assert buffers and [t.data_ptr() for t in _cuda._SCRATCH.values()] == buffers
 
 
 def test_module_cache_is_keyed_by_file_options_and_arch(k):

@@ -56,14 +56,17 @@ def test_linear4bit_does_not_keep_dense_weight_for_backward(rng, monkeypatch):
 
     # The CPU kernel of nybble::dequantize_4bit, which the module's one autograd path calls.
     monkeypatch.setattr(_cpu, "dequantize_4bit", spy)
-    x = torch.randn(4, 256, requires_grad=True)
-    y = q(x)
-    # The dense weight decoded in forward is gone once forward returns...
-    assert len(decoded) == 1 and decoded[0]() is None
-    y.sum().backward()
-    # ...and backward decodes it again for dX.
-    assert len(decoded) == 2
-    torch.testing.assert_close(x.grad, torch.ones(4, 256) @ q.dequantized_weight(torch.float32))
+    # Few rows: the fused CPU kernel decodes in registers, no dense weight at all in forward;
+    # many rows: dequantize + BLAS, the decoded weight gone once forward returns. Either way
+    # backward decodes it again for dX.
+    for rows, forward_decodes in ((4, 0), (_cpu.FUSED_4BIT_MAX_M + 1, 1)):
+        decoded.clear()
+        x = torch.randn(rows, 256, requires_grad=True)
+        y = q(x)
+        assert len(decoded) == forward_decodes and all(ref() is None for ref in decoded)
+        y.sum().backward()
+        assert len(decoded) == forward_decodes + 1
+        torch.testing.assert_close(x.grad, torch.ones(rows, 256) @ q.dequantized_weight(torch.float32))
 
 
 def test_linear4bit_state_dict_round_trip_and_to(rng):

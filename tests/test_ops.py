@@ -20,6 +20,7 @@ from nybble.nn import Linear4bit, Linear8bitLt, LoraLinear  # noqa: E402
 EXPECTED_OPS = {
     "quantize_4bit", "dequantize_4bit", "decode_absmax", "double_quantize", "matmul_4bit", "int8_vectorwise_quant",
     "int8_matmul", "int8_matmul_dequant", "int8_linear", "adamw_8bit", "adamw_32bit",
+    "matmul_4bit_lora", "matmul_4bit_grad_input", "int8_linear_lora",
 }  # fmt: skip
 
 

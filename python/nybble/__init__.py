@@ -6,7 +6,7 @@ Rust core works on them in place without copies, in parallel, with the GIL relea
 """
 
 from . import codebooks, int8
-from ._core import CorruptFileError, NonFiniteError, __version__, get_num_threads, set_num_threads
+from ._core import CorruptFileError, InternalError, NonFiniteError, __version__, get_num_threads, set_num_threads
 from .quant import (
     NestedState,
     QuantState4bit,
@@ -24,6 +24,7 @@ def __getattr__(name):
     # torch is an optional extra: the modules and model API load on first use.
     lazy = {
         "nn": ("nybble.nn", None),
+        "gptq": ("nybble.gptq", None),
         "quantize_model": ("nybble.model", "quantize_model"),
         "add_lora": ("nybble.model", "add_lora"),
         "merge_adapters": ("nybble.model", "merge_adapters"),
@@ -33,6 +34,8 @@ def __getattr__(name):
         "save_adapter": ("nybble.model", "save_adapter"),
         "load_adapter": ("nybble.model", "load_adapter"),
         "load_quantized": ("nybble.model", "load_quantized"),
+        # transformers quantization config (imports torch and transformers on first use)
+        "NybbleConfig": ("nybble.integrations.transformers", "NybbleConfig"),
     }
     if name not in lazy:
         raise AttributeError(f"module 'nybble' has no attribute {name!r}")
@@ -45,6 +48,7 @@ def __getattr__(name):
 __all__ = [
     "CorruptFileError",
     "ErrorStats",
+    "InternalError",
     "NestedState",
     "NonFiniteError",
     "QuantState4bit",

@@ -2,7 +2,13 @@
 
 Float inputs are 1-D C-contiguous numpy arrays: float32 for ``dtype="float32"``, uint16 bit
 patterns for ``"float16"`` and ``"bfloat16"``. Float outputs follow the same rule. Every call
-releases the GIL and runs on ``threads`` workers (default: :func:`get_num_threads`).
+releases the GIL and runs on ``threads`` workers (default: :func:`get_num_threads`), capped at
+:func:`max_threads` (4 per core); pools are cached, at most 4 of them alive at once.
+
+Every size taken from an argument (``n``, a blocksize) is checked against the buffers before
+anything is allocated; an array passed for two arguments of which one is written in place is a
+``ValueError``; a failed allocation is a ``MemoryError``; and a Rust panic (a bug) is raised as
+:class:`nybble.errors.InternalError`, never an abort.
 """
 
 import os
@@ -20,12 +26,14 @@ __version__: str
 # (e.g. .blocksize, .expected / .got, .what, .dtype, .path, .tensor; writer misuse: a plain
 # ValueError with .path, .tensor, .reason). OS-level I/O errors have .errno, .strerror, .filename.
 from nybble.errors import CorruptFileError as CorruptFileError
+from nybble.errors import InternalError as InternalError
 from nybble.errors import NonFiniteError as NonFiniteError
 
 FloatArray = npt.NDArray[np.float32] | npt.NDArray[np.uint16]
 
 def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...
+def max_threads() -> int: ...
 def quantize_4bit(
     x: FloatArray, dtype: str, blocksize: int, quant_type: str, threads: int | None = None
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]: ...
@@ -47,6 +55,59 @@ def dequantize_4bit_into(
     out_dtype: str,
     threads: int | None = None,
 ) -> None: ...
+
+# Fused CPU matmuls (codes decoded in registers, never a dense weight). ``simd`` forces a level
+# ("portable", "avx2", "avx512", "avx512_vnni", "avx512_bf16", or "auto"); None reads the
+# NYBBLE_SIMD environment variable at each call, else uses the best level of this CPU. An
+# unknown or unavailable level is a ValueError (``.requested``, ``.available``).
+
+def simd_levels() -> list[str]:
+    """The levels this CPU runs, lowest first ("portable" first)."""
+
+def simd_level(simd: str | None = None) -> str:
+    """The level a fused matmul runs with ``simd`` (None: NYBBLE_SIMD, else detected)."""
+
+def matmul_4bit(
+    x: FloatArray,
+    dtype: str,
+    rows: int,
+    packed: npt.NDArray[np.uint8],
+    absmax: npt.NDArray[np.float32],
+    out_features: int,
+    in_features: int,
+    blocksize: int,
+    quant_type: str,
+    bias: npt.NDArray[np.float32] | None,
+    out: FloatArray,
+    simd: str | None = None,
+    threads: int | None = None,
+) -> None:
+    """``out = x @ W^T (+ bias)`` in place: x ``rows x in_features`` (flat, ``dtype``), W packed
+    NF4 / FP4 ``out_features x in_features`` (bitsandbytes layout) with float32 ``absmax`` per
+    ``blocksize`` block of the flattened W, ``out`` a writable ``rows x out_features`` array of
+    x's dtype; float32 accumulation, bias (float32) added before the one rounding. For bf16 x
+    with more than one row on AVX512-BF16 the weights are rounded to bf16 (as dequantize +
+    bf16 GEMM does). Lengths are checked (ValueError) before any work."""
+
+def int8_linear(
+    x: FloatArray,
+    dtype: str,
+    rows: int,
+    q_w: npt.NDArray[np.int8],
+    scb: npt.NDArray[np.float32],
+    out_features: int,
+    in_features: int,
+    bias: npt.NDArray[np.float32] | None,
+    threshold: float,
+    out: FloatArray,
+    simd: str | None = None,
+    threads: int | None = None,
+) -> None:
+    """LLM.int8() ``out = x @ W^T (+ bias)`` in place, ``q_w`` int8 row-wise with float32 row
+    absmax ``scb``: x quantized vector-wise (columns with ``|x| >= threshold`` kept in float32;
+    0 disables), exact int8 dot products, ``int8_matmul_dequant``'s float32 epilogue, one
+    rounding to x's dtype. NonFiniteError on NaN / Inf in x."""
+
 def quantize_blockwise(
     x: FloatArray, dtype: str, code: npt.NDArray[np.float32], blocksize: int, threads: int | None = None
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]: ...
@@ -197,3 +258,44 @@ def adamw_step_8bit(
 ) -> None:
     """One fused AdamW step in place with 8-bit block-wise states (bitsandbytes' AdamW8bit:
     signed dynamic map for state1, unsigned for state2, float32 absmax per block)."""
+
+class GptqHessian:
+    """GPTQ's damped inverse-Hessian factor of one layer input (``h``: k*k float64,
+    row-major, ``2 XᵀX``); shared by every weight that reads the input. Raises ValueError
+    (``.column``, ``.pivot``, ``.damp``) when the damped Hessian is not positive definite."""
+
+    def __init__(
+        self,
+        h: npt.NDArray[np.float64],
+        k: int,
+        damp: float = 0.01,
+        act_order: bool = False,
+        threads: int | None = None,
+    ) -> None: ...
+    @property
+    def cols(self) -> int: ...
+    @property
+    def damp(self) -> float:
+        """Absolute damping added to the diagonal (``damp * mean(diag H)``)."""
+    @property
+    def dead_columns(self) -> int: ...
+    def perm(self) -> npt.NDArray[np.int64]:
+        """Processing order: column ``perm[t]`` is rounded at step ``t``."""
+    def upper(self) -> npt.NDArray[np.float64]:
+        """``U`` (k*k, row-major, processing order): upper Cholesky factor of the damped,
+        permuted inverse Hessian."""
+    def quantize(
+        self,
+        w: npt.NDArray[np.float32],
+        rows: int,
+        blocksize: int = 64,
+        quant_type: str = "nf4",
+        lazy_block: int = 128,
+        search_grid: int = 0,
+        min_shrink: float = 0.8,
+        objective: str = "sequential",
+        absmax: npt.NDArray[np.float32] | None = None,
+        threads: int | None = None,
+    ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32], float]:
+        """GPTQ of ``w`` (rows x k float32, flattened) into bitsandbytes' 4-bit layout:
+        ``(packed uint8 ((n+1)//2,), absmax float32 (nblocks,), loss)``."""

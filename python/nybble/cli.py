@@ -10,7 +10,9 @@ import click
 
 from . import checkpoint as ck
 from . import formats as fmt
+from . import outputs
 from ._core import CorruptFileError, NonFiniteError
+from .errors import InternalError
 
 DEFAULT_OUTPUT = "minilm-nf4"
 
@@ -38,6 +40,18 @@ class _Fail(click.ClickException):
     """An error the user can act on: printed without a traceback, exit status 1."""
 
 
+def _interrupted(e: KeyboardInterrupt, output) -> _Fail:
+    """SIGINT / SIGTERM / SIGHUP during a run that writes ``output``: a clean failure with
+    the shell's status for that signal (130 / 143 / 129)."""
+    name = getattr(e, "signal_name", "SIGINT")
+    if getattr(e, "committed", False):
+        fail = _Fail(f"interrupted ({name}) after {output} was written")
+    else:
+        fail = _Fail(f"interrupted ({name}); no output was written")
+    fail.exit_code = outputs.exit_code_of(e)
+    return fail
+
+
 def _run(fn, *args, **kwargs):
     """Maps the errors of the checkpoint layer to clean CLI failures."""
     try:
@@ -48,6 +62,15 @@ def _run(fn, *args, **kwargs):
         raise _Fail(str(e)) from None
     except OSError as e:
         raise _Fail(f"{e.filename or ''}: {e.strerror or e}" if e.filename else str(e)) from None
+    except (OverflowError, RecursionError) as e:
+        # Validation should catch every such input first; never a traceback all the same.
+        raise _Fail(f"invalid input: {e}") from None
+    except InternalError as e:
+        raise _Fail(str(e)) from None
+    except BaseException as e:
+        if type(e).__name__ == "PanicException":  # pyo3's, from a panic outside nybble's guards
+            raise _Fail(f"internal error in nybble._core (please report it): {e}") from None
+        raise
 
 
 @click.group()
@@ -75,8 +98,21 @@ _QUANT_STORAGE_CHOICES = [*fmt.QUANT_STORAGES, *(a for a in fmt.QUANT_STORAGE_AL
 @click.option("--stats/--no-stats", default=True, show_default=True, help="Measure the quantization error of every tensor.")
 @click.option("--quant-storage", type=click.Choice(_QUANT_STORAGE_CHOICES), default="uint8", show_default=True,
               help="dtype the packed 4-bit weights are stored as (bnb_4bit_quant_storage; bf16 etc. for FSDP). Same bytes, same outputs.")
+@click.option("--method", "algorithm", type=click.Choice(["rtn", "gptq"]), default="rtn", show_default=True,
+              help="rtn: round to nearest (the streaming Rust converter). gptq: error-compensating rounding from calibration "
+                   "data (loads the model with transformers); same output layout.")
+@click.option("--calibration", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help='gptq: calibration text, one sample per line, or jsonl with a "text" field.')
+@click.option("--samples", type=click.IntRange(min=1), default=128, show_default=True, help="gptq: calibration samples used (the first N).")
+@click.option("--seq-len", type=click.IntRange(min=1), default=512, show_default=True, help="gptq: tokens per sample (longer ones are cut).")
+@click.option("--damp", type=click.FloatRange(min=0), default=0.01, show_default=True, help="gptq: damping, as a fraction of the mean Hessian diagonal.")
+@click.option("--act-order", is_flag=True, help="gptq: round columns in order of decreasing Hessian diagonal.")
+@click.option("--block-size-gptq", type=click.IntRange(min=1), default=128, show_default=True, help="gptq: lazy batch size (speed only: same result).")
+@click.option("--absmax-search", type=click.IntRange(min=0), default=0, show_default=True,
+              help="gptq: try N shrink factors of each block's absmax, keep the least Hessian-weighted error (0: max|w|).")
+@click.option("--device", default="auto", show_default=True, help="gptq: where each block runs: auto (cuda when available), cpu, cuda, cuda:N.")
 def quantize(input_path, output, method, blocksize, double_quant, compute_dtype, threads, overwrite, skip, only, max_shard_size, stats,
-             quant_storage):
+             quant_storage, **gptq_options):
     """Quantize a safetensors checkpoint (file or model folder) for transformers + bitsandbytes.
 
     INPUT defaults to the built-in MiniLM example. By default every 2-D float `.weight` of a
@@ -89,6 +125,12 @@ def quantize(input_path, output, method, blocksize, double_quant, compute_dtype,
         ck.parse_size(max_shard_size)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--max-shard-size") from None
+    from . import _gptq_cli
+
+    if gptq_options.pop("algorithm") == "gptq":
+        return _gptq_cli.quantize_gptq(src, output, method, blocksize, double_quant, compute_dtype, threads, overwrite,
+                                       skip, only, max_shard_size, stats, quant_storage, gptq_options)
+    _gptq_cli.reject_gptq_options(gptq_options)
     bar = None
 
     def on_plan(plan):
@@ -120,8 +162,8 @@ def quantize(input_path, output, method, blocksize, double_quant, compute_dtype,
             on_plan=on_plan,
             on_tensor=on_tensor,
         )
-    except KeyboardInterrupt:
-        raise _Fail("interrupted; no output was written") from None
+    except KeyboardInterrupt as e:
+        raise _interrupted(e, output) from None
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
@@ -166,16 +208,27 @@ def inspect(path, as_json):
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 def dequantize(packed, output, dtype, overwrite):
     """Turn a packed checkpoint (nybble's or transformers + bitsandbytes') back into plain safetensors."""
-    n = _run(ck.dequantize_checkpoint, packed, output, dtype=dtype, overwrite=overwrite)
+    try:
+        n = _run(ck.dequantize_checkpoint, packed, output, dtype=dtype, overwrite=overwrite)
+    except KeyboardInterrupt as e:
+        raise _interrupted(e, output) from None
     click.echo(f"wrote {output}: {n} weights dequantized")
 
 
 @main.command()
 @click.argument("original", type=click.Path(path_type=Path))
 @click.argument("packed", type=click.Path(path_type=Path))
-def verify(original, packed):
-    """Compare a packed checkpoint with its original: error per packed weight, equality of the rest."""
-    rows = _run(ck.verify_checkpoint, original, packed)
+@click.option("--min-sqnr-db", type=float, default=None,
+              help="Fail a packed weight whose SQNR is below this (dB) [default: "
+                   + ", ".join(f"{k} {v:g}" for k, v in ck.DEFAULT_MIN_SQNR_DB.items()) + "].")
+@click.option("--max-rmse", type=float, default=None, help="Fail a packed weight whose RMSE is above this [default: no limit].")
+def verify(original, packed, min_sqnr_db, max_rmse):
+    """Compare a packed checkpoint with its original: error per packed weight, equality of the rest.
+
+    ORIGINAL is the dense checkpoint, PACKED the quantized one (swapped arguments are an
+    error). Exits 1 when any tensor is missing or differs, or a packed weight falls short of
+    the thresholds."""
+    rows = _run(ck.verify_checkpoint, original, packed, min_sqnr_db=min_sqnr_db, max_rmse=max_rmse)
     width = max((len(r.name) for r in rows), default=4)
     click.echo(f"{'tensor':<{width}}  {'format':<6} {'rmse':>10} {'max abs':>10} {'SQNR dB':>8}  note")
     for r in rows:
@@ -285,6 +338,13 @@ def finetune(model_dir, data, output, example, quant, double_quant, rank, alpha,
                 raise _Fail(str(e)) from None
             _wait_for(Path(model_dir) / "model.safetensors")
         if data is None:
+            if main_process:
+                # The example data lives in the output folder: claim it first (the output
+                # policy of nybble.outputs; the trainer checks it again).
+                try:
+                    outputs.claim_folder(output, "finetune", inputs=[model_dir])
+                except (outputs.OutputError, OSError) as e:
+                    raise _Fail(str(e)) from None
             data = ex.make_dataset(output / "example_train.jsonl") if main_process else output / "example_train.jsonl"
             _wait_for(data)
         click.echo(f"example: model {model_dir}, data {data}")
@@ -315,7 +375,12 @@ def finetune(model_dir, data, output, example, quant, double_quant, rank, alpha,
         raise _Fail(f"{e.filename or 'output'}: {e.strerror or e}") from None
     except TrainingInterrupted as e:
         fail = _Fail(str(e))
-        fail.exit_code = 130  # the shell's code for Ctrl-C
+        fail.exit_code = 128 + getattr(e, "signum", 2)  # the shell's code: 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP
+        raise fail from None
+    except KeyboardInterrupt as e:  # a second signal: stopped at once
+        fail = _Fail(f"interrupted ({getattr(e, 'signal_name', 'SIGINT')}) during a step; the complete checkpoints "
+                     f"in {output} are kept")
+        fail.exit_code = outputs.exit_code_of(e)
         raise fail from None
 
 

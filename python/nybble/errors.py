@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["CorruptFileError", "NonFiniteError"]
+__all__ = ["CorruptFileError", "InternalError", "NonFiniteError"]
 
 
 class NonFiniteError(ValueError):
@@ -95,3 +95,11 @@ class CorruptFileError(ValueError):
         self.path = path
         self.tensor = tensor
         self.reason = reason
+
+
+class InternalError(RuntimeError):
+    """A bug in nybble: a Rust panic caught at the boundary of ``nybble._core``.
+
+    Every input is validated before the core runs, so this should never be raised; when it is,
+    it is an ordinary exception (``except Exception`` catches it, the CLI prints one line and
+    exits 1) rather than an abort of the interpreter. Please report it with the message."""

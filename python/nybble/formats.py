@@ -28,6 +28,7 @@ numpy and torch arrays are both accepted; torch is imported only when a torch va
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -40,14 +41,17 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "ABSMAX",
+    "BLOCKSIZES",
     "FLOAT_DTYPES",
     "INT8_DEQUANT_SCALE",
     "MAX_FLOAT_REPR",
+    "MAX_QUANT_STATE_BYTES",
     "NESTED_ABSMAX",
     "NESTED_BLOCKSIZE",
     "NESTED_DTYPE",
     "NESTED_QUANT_MAP",
     "QUANT_MAP",
+    "QUANT_STATE_FIELDS",
     "QUANT_STATE_PREFIX",
     "QUANT_STORAGES",
     "QUANT_STORAGE_ALIASES",
@@ -57,6 +61,9 @@ __all__ = [
     "WEIGHT_FORMAT_ROW",
     "BnbConfig",
     "QuantStateInfo",
+    "check_4bit_tensors",
+    "check_blocksize",
+    "check_int8_tensors",
     "decode_quant_state",
     "encode_quant_state",
     "four_bit_keys",
@@ -66,6 +73,7 @@ __all__ = [
     "packed_as_uint8",
     "packed_nbytes",
     "packed_shape",
+    "parse_json",
     "parse_quant_state",
     "parse_quantization_config",
     "quant_state_dict",
@@ -97,6 +105,15 @@ NESTED_DTYPE = "float32"
 SCB = "SCB"
 WEIGHT_FORMAT = "weight_format"
 WEIGHT_FORMAT_ROW = 0
+
+#: Block sizes a 4-bit quant_state may record (and the Rust core, and bitsandbytes, support):
+#: powers of two from 32 to 4096.
+BLOCKSIZES = tuple(2**k for k in range(5, 13))
+#: Longest quant_state entry read: nybble's and bitsandbytes' are about 200 bytes.
+MAX_QUANT_STATE_BYTES = 64 * 1024
+#: Largest element count a quant_state may record (2**48, far above any real weight): a bound
+#: that keeps every size computed from it exact.
+MAX_NUMEL = 2**48
 
 #: Longest ``repr`` of a float32 widened to float64 ("-1.1754943508222875e-38"): the Rust writer
 #: right-pads the double-quant JSON to hold it (see :func:`encode_quant_state`).
@@ -285,19 +302,64 @@ def encode_quant_state(fields: Mapping[str, Any], padded: bool = False) -> bytes
     return text.encode("utf-8")
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json(text: str | bytes, what: str = "JSON") -> Any:
+    """Strict JSON for the files nybble reads (quant_state entries, config.json, the shard
+    index, adapter_config.json, data lines): ``NaN`` / ``Infinity`` (which Python's ``json``
+    accepts) and nesting deep enough to exhaust the recursion limit are ``ValueError``s with
+    ``what`` in the message, never a ``RecursionError``."""
+    try:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        return json.loads(text, parse_constant=_refuse_constant)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{what} is not valid UTF-8: {err}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what} is not valid JSON: {err}") from None
+    except RecursionError:
+        raise ValueError(f"{what} is not valid JSON: nested too deeply") from None
+    except ValueError as err:
+        raise ValueError(f"{what} is not valid JSON: {err}") from None
+
+
 def decode_quant_state(blob: Any) -> dict[str, Any]:
-    """The fields of a stored quant_state entry (bytes, or a uint8 numpy / torch tensor)."""
+    """The fields of a stored quant_state entry (bytes, or a uint8 numpy / torch tensor):
+    a JSON object of at most :data:`MAX_QUANT_STATE_BYTES` bytes. Raises ``ValueError``."""
     if _is_torch(blob):
+        if str(blob.dtype) != "torch.uint8":
+            raise ValueError(f"quant_state entry has dtype {str(blob.dtype).replace('torch.', '')}, not uint8")
         blob = blob.detach().cpu().contiguous().numpy()
     if isinstance(blob, np.ndarray):
+        if blob.dtype != np.uint8:
+            raise ValueError(f"quant_state entry has dtype {blob.dtype}, not uint8")
         blob = np.ascontiguousarray(blob).tobytes()
-    try:
-        fields = json.loads(bytes(blob).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"quant_state is not valid JSON: {err}") from None
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise ValueError(f"quant_state entry is a {type(blob).__name__}, not bytes")
+    if len(blob) > MAX_QUANT_STATE_BYTES:
+        raise ValueError(f"quant_state entry is {len(blob)} bytes, above the {MAX_QUANT_STATE_BYTES}-byte limit")
+    fields = parse_json(bytes(blob), "quant_state")
     if not isinstance(fields, dict):
         raise ValueError(f"quant_state is a JSON {type(fields).__name__}, not an object")
     return fields
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+
+def check_blocksize(blocksize: Any, what: str = "blocksize") -> int:
+    """``blocksize`` as an int when it is one of :data:`BLOCKSIZES`; else ``ValueError`` (a
+    bool, a float, a string, 0 and -64 included)."""
+    if not _is_int(blocksize) or int(blocksize) not in BLOCKSIZES:
+        raise ValueError(f"{what} {blocksize!r} is not supported: use a power of two from 32 to 4096")
+    return int(blocksize)
 
 
 @dataclass(frozen=True)
@@ -319,6 +381,10 @@ class QuantStateInfo:
     def numel(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64))
 
+    @property
+    def nblocks(self) -> int:
+        return -(-self.numel // self.blocksize)
+
     def to_dict(self) -> dict[str, Any]:
         d = quant_state_dict(self.quant_type, self.blocksize, self.dtype, self.shape, self.nested_offset)
         if self.double_quant:
@@ -326,28 +392,205 @@ class QuantStateInfo:
         return d
 
 
+#: The non-tensor fields a quant_state may hold (bitsandbytes' ``QuantState.valid_qs_keys``
+#: less the tensors): ``from_dict`` refuses any other key, and so does nybble.
+QUANT_STATE_FIELDS = ("quant_type", "blocksize", "dtype", "shape", "nested_blocksize", "nested_dtype",
+                      "nested_offset")
+_NESTED_FIELDS = ("nested_blocksize", "nested_dtype", "nested_offset")
+
+
 def parse_quant_state(fields: Mapping[str, Any], quant_type: str | None = None) -> QuantStateInfo:
     """Validates quant_state fields (:func:`decode_quant_state`'s result); ``quant_type`` is
-    the one the entry's key names, which the JSON must repeat. Raises ``ValueError``."""
-    qt = fields.get("quant_type")
-    if qt not in QUANT_TYPES:
+    the one the entry's key names, which the JSON must repeat. Raises ``ValueError``.
+
+    Every field is checked for type and range, none is defaulted silently: ``quant_type`` nf4
+    or fp4; ``blocksize`` an int in :data:`BLOCKSIZES`; ``dtype`` one of
+    :data:`FLOAT_DTYPES`; ``shape`` a non-empty list of positive ints with at most
+    :data:`MAX_NUMEL` elements; with double quantization ``nested_offset`` a finite number
+    >= 0 (the mean of the block absmaxes), ``nested_blocksize`` 256 and ``nested_dtype``
+    float32 when given (bitsandbytes always writes 256 / float32, and nybble's decoders
+    assume them). Unknown fields are refused, as bitsandbytes' ``from_dict`` does."""
+    if not isinstance(fields, Mapping):
+        raise ValueError(f"quant_state is a {type(fields).__name__}, not a JSON object")
+    unknown = sorted(str(k) for k in fields if k not in QUANT_STATE_FIELDS)
+    if unknown:
+        raise ValueError(f"bad quant_state: unknown field(s) {unknown}")
+    missing = [k for k in ("quant_type", "blocksize", "dtype", "shape") if k not in fields]
+    if missing:
+        raise ValueError(f"bad quant_state: missing field(s) {missing}")
+    qt = fields["quant_type"]
+    if not isinstance(qt, str) or qt not in QUANT_TYPES:
         raise ValueError(f"unsupported quant_type {qt!r}")
     if quant_type is not None and qt != quant_type:
         raise ValueError(f"quant_type {qt!r} does not match its key's {quant_type!r}")
-    try:
-        blocksize = int(fields["blocksize"])
-        dtype = str(fields["dtype"]).replace("torch.", "")
-        shape = tuple(int(d) for d in fields["shape"])
-        nested = "nested_offset" in fields or "nested_blocksize" in fields
-        offset = float(fields["nested_offset"]) if nested else None
-        nested_blocksize = int(fields.get("nested_blocksize", NESTED_BLOCKSIZE))
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"bad quant_state ({err!r})") from None
-    if dtype not in FLOAT_DTYPES:
+    blocksize = check_blocksize(fields["blocksize"], "bad quant_state: blocksize")
+    dtype = fields["dtype"]
+    if not isinstance(dtype, str) or dtype.replace("torch.", "") not in FLOAT_DTYPES:
         raise ValueError(f"bad quant_state: dtype {dtype!r} is not one of {FLOAT_DTYPES}")
-    if nested and str(fields.get("nested_dtype", NESTED_DTYPE)).replace("torch.", "") != NESTED_DTYPE:
-        raise ValueError(f"bad quant_state: nested_dtype {fields.get('nested_dtype')!r} is not {NESTED_DTYPE}")
+    dtype = dtype.replace("torch.", "")
+    shape = fields["shape"]
+    if not isinstance(shape, (list, tuple)) or not shape or not all(_is_int(d) and d >= 1 for d in shape):
+        raise ValueError(f"bad quant_state: shape {shape!r} is not a non-empty list of positive ints")
+    shape = tuple(int(d) for d in shape)
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel > MAX_NUMEL:
+        raise ValueError(f"bad quant_state: shape {list(shape)} has {numel} elements, above the limit of {MAX_NUMEL}")
+    offset, nested_blocksize = None, NESTED_BLOCKSIZE
+    if any(k in fields for k in _NESTED_FIELDS):
+        if "nested_offset" not in fields:
+            raise ValueError("bad quant_state: nested fields without nested_offset")
+        offset = fields["nested_offset"]
+        if not _is_number(offset) or not math.isfinite(offset) or offset < 0:
+            raise ValueError(f"bad quant_state: nested_offset {offset!r} is not a finite number >= 0")
+        offset = float(offset)
+        nb = fields.get("nested_blocksize", NESTED_BLOCKSIZE)
+        if not _is_int(nb) or nb != NESTED_BLOCKSIZE:
+            raise ValueError(f"bad quant_state: nested_blocksize {nb!r} is not {NESTED_BLOCKSIZE} "
+                             "(bitsandbytes' double quantization always uses 256)")
+        nested_blocksize = int(nb)
+        nd = fields.get("nested_dtype", NESTED_DTYPE)
+        if not isinstance(nd, str) or nd.replace("torch.", "") != NESTED_DTYPE:
+            raise ValueError(f"bad quant_state: nested_dtype {nd!r} is not {NESTED_DTYPE}")
     return QuantStateInfo(qt, blocksize, dtype, shape, offset, nested_blocksize)
+
+
+# ----------------------------------------------------------------------------- tensor checks
+
+_SAFETENSORS_TO_NUMPY = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16",
+                         "I32": "int32", "U32": "uint32", "I64": "int64", "U64": "uint64", "F16": "float16",
+                         "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+_FLOAT_NAMES = ("float32", "float16", "bfloat16")
+
+
+def _spec(x: Any) -> tuple[str, tuple[int, ...]]:
+    """(dtype name, shape) of a numpy array, a torch tensor, or a ``(dtype, shape)`` pair
+    (dtype as numpy / torch / safetensors spells it): what the checks below look at when no
+    values are at hand (a checkpoint's header)."""
+    if isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str):
+        dtype, shape = x
+        return _SAFETENSORS_TO_NUMPY.get(dtype, dtype.replace("torch.", "")), tuple(int(d) for d in shape)
+    if _is_torch(x):
+        return str(x.dtype).replace("torch.", ""), tuple(int(d) for d in x.shape)
+    arr = np.asarray(x)
+    return str(arr.dtype), tuple(int(d) for d in arr.shape)
+
+
+def _values(x: Any) -> np.ndarray | None:
+    """The float32 values of an array (numpy or torch, any device), ``None`` for a spec."""
+    if isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str):
+        return None
+    if _is_torch(x):
+        import torch
+
+        return x.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().reshape(-1)
+    return np.asarray(x).astype(np.float32, copy=False).reshape(-1)
+
+
+def _check_spec(name: str, x: Any, dtypes: tuple[str, ...], count: int) -> None:
+    dtype, shape = _spec(x)
+    if dtype not in dtypes:
+        raise ValueError(f"{name} has dtype {dtype}, expected {' or '.join(dtypes)}")
+    if len(shape) != 1 or shape[0] != count:
+        raise ValueError(f"{name} has shape {list(shape)}, expected [{count}]")
+
+
+def _check_scales(name: str, x: Any) -> None:
+    """Block / row scales: finite and >= 0 (a negative one flips the block's signs, a NaN
+    poisons it; neither is what any quantizer writes)."""
+    v = _values(x)
+    if v is None or v.size == 0:
+        return
+    bad = np.flatnonzero(~np.isfinite(v) | (v < 0))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"{name}[{i}] is {float(v[i])!r}: scales must be finite and >= 0 "
+                         f"({bad.size} of {v.size} are not)")
+
+
+def check_4bit_tensors(
+    info: QuantStateInfo,
+    *,
+    packed: Any = None,
+    absmax: Any,
+    quant_map: Any,
+    nested_absmax: Any = None,
+    nested_quant_map: Any = None,
+) -> None:
+    """Checks the tensors of one 4-bit weight against its quant_state ``info``. Each is a
+    numpy array or torch tensor (values checked too) or a ``(dtype, shape)`` pair from a file
+    header (layout only). Raises ``ValueError`` naming the tensor.
+
+    - ``packed`` (optional): a storage dtype of :data:`QUANT_STORAGES` holding exactly
+      ``(n + 1) // 2`` bytes for the ``n`` elements of ``info.shape``.
+    - ``absmax``: ``ceil(n / blocksize)`` entries, float32 / float16 / bfloat16 and finite and
+      >= 0, or uint8 codes with double quantization.
+    - ``quant_map``: 16 floats equal to nybble's (and bitsandbytes') table of the quant_type.
+      Every decoder (Rust, CUDA, torch) uses the built-in table, so a custom 4-bit codebook is
+      refused rather than silently ignored.
+    - double quantization: ``nested_absmax`` ``ceil(nblocks / 256)`` finite floats >= 0;
+      ``nested_quant_map`` 256 finite floats, used as stored by every decoder (bitsandbytes
+      writes its dynamic map).
+    """
+    n = info.numel
+    nblocks = -(-n // info.blocksize)
+    if packed is not None:
+        dtype, shape = _spec(packed)
+        if dtype not in QUANT_STORAGES:
+            raise ValueError(f"packed weight has dtype {dtype}, expected one of {list(QUANT_STORAGES)}")
+        count = 1
+        for d in shape:
+            count *= d
+        nbytes = count * QUANT_STORAGES[dtype][1]
+        if nbytes != packed_nbytes(n):
+            raise ValueError(f"packed weight holds {nbytes} bytes ({dtype} {list(shape)}), but shape "
+                             f"{list(info.shape)} packs into {packed_nbytes(n)}")
+    if info.double_quant:
+        _check_spec(ABSMAX, absmax, ("uint8",), nblocks)
+        if nested_absmax is None or nested_quant_map is None:
+            raise ValueError(f"double-quantized, but {NESTED_ABSMAX} or {NESTED_QUANT_MAP} is missing")
+        _check_spec(NESTED_ABSMAX, nested_absmax, _FLOAT_NAMES, -(-nblocks // info.nested_blocksize))
+        _check_scales(NESTED_ABSMAX, nested_absmax)
+        _check_spec(NESTED_QUANT_MAP, nested_quant_map, _FLOAT_NAMES, 256)
+        v = _values(nested_quant_map)
+        if v is not None and not np.isfinite(v).all():
+            raise ValueError(f"{NESTED_QUANT_MAP} holds non-finite values")
+    else:
+        if nested_absmax is not None or nested_quant_map is not None:
+            raise ValueError(f"{NESTED_ABSMAX} / {NESTED_QUANT_MAP} given, but the quant_state has no nested fields")
+        _check_spec(ABSMAX, absmax, _FLOAT_NAMES, nblocks)
+        _check_scales(ABSMAX, absmax)
+    _check_spec(QUANT_MAP, quant_map, _FLOAT_NAMES, 16)
+    v = _values(quant_map)
+    if v is not None:
+        from .codebooks import code_4bit
+
+        if not np.array_equal(v, code_4bit(info.quant_type)):
+            raise ValueError(f"{QUANT_MAP} is not the standard {info.quant_type} table: nybble decodes with its "
+                             "built-in table only, so a custom 4-bit codebook is refused")
+
+
+def check_int8_tensors(weight: Any, scb: Any, weight_format: Any = None) -> tuple[int, int]:
+    """Checks an LLM.int8() weight: ``weight`` int8 (out, in), ``SCB`` (out,) floats finite
+    and >= 0, ``weight_format`` (when present) one integer equal to 0 (row-major). Arrays or
+    ``(dtype, shape)`` pairs as for :func:`check_4bit_tensors`. Returns (out, in)."""
+    dtype, shape = _spec(weight)
+    if dtype != "int8" or len(shape) != 2:
+        raise ValueError(f"int8 weight has dtype {dtype} shape {list(shape)}, expected int8 (out, in)")
+    _check_spec(SCB, scb, _FLOAT_NAMES, shape[0])
+    _check_scales(SCB, scb)
+    if weight_format is not None:
+        fdtype, fshape = _spec(weight_format)
+        count = 1
+        for d in fshape:
+            count *= d
+        if count != 1 or not (fdtype.startswith("int") or fdtype.startswith("uint")):
+            raise ValueError(f"{WEIGHT_FORMAT} has dtype {fdtype} shape {list(fshape)}, expected one integer")
+        v = _values(weight_format)
+        if v is not None and int(v[0]) != WEIGHT_FORMAT_ROW:
+            raise ValueError(f"{WEIGHT_FORMAT} {int(v[0])} is not row-major ({WEIGHT_FORMAT_ROW})")
+    return shape[0], shape[1]
 
 
 _QUANT_STATE_ITEMS = (ABSMAX, QUANT_MAP, NESTED_ABSMAX, NESTED_QUANT_MAP, "quant_type", "blocksize", "dtype",
@@ -389,7 +632,9 @@ def quant_state_from_dict(items: Mapping[str, Any]) -> QuantState4bit:
     """bitsandbytes' ``QuantState.from_dict``: builds a :class:`~nybble.quant.QuantState4bit`
     from the quant-state entries of one weight, prefixed (``P.weight.absmax``) or not
     (``absmax``), packed (one ``quant_state.bitsandbytes__*`` entry) or not. Tensors may be
-    numpy arrays or torch tensors. Raises ``ValueError`` for a bad or incomplete state."""
+    numpy arrays or torch tensors. Raises ``ValueError`` for a bad or incomplete state: every
+    field is validated (:func:`parse_quant_state`) and every tensor against it
+    (:func:`check_4bit_tensors`)."""
     from ._arrays import to_numpy
     from .quant import NestedState, QuantState4bit
 
@@ -413,6 +658,8 @@ def quant_state_from_dict(items: Mapping[str, Any]) -> QuantState4bit:
                if k not in stripped]
     if missing:
         raise ValueError(f"quant_state lacks {missing}")
+    check_4bit_tensors(info, absmax=stripped[ABSMAX], quant_map=stripped[QUANT_MAP],
+                       nested_absmax=stripped.get(NESTED_ABSMAX), nested_quant_map=stripped.get(NESTED_QUANT_MAP))
     nested = None
     if info.double_quant:
         nested = NestedState(
@@ -500,21 +747,58 @@ class BnbConfig:
 
 def parse_quantization_config(qc: Mapping[str, Any]) -> BnbConfig:
     """Reads a ``quantization_config`` written by transformers or nybble (dtypes may be
-    spelled ``"torch.bfloat16"``). Raises ``ValueError`` for one that is not bitsandbytes'."""
+    spelled ``"torch.bfloat16"``). Raises ``ValueError`` for one that is not bitsandbytes',
+    or whose fields have the wrong type or range: flags must be JSON booleans (``"false"`` is
+    not false), exactly one of 4-bit / 8-bit set, the quant type nf4 / fp4, the compute dtype
+    a float dtype, the threshold a finite number >= 0, skip modules a list of strings."""
+    if not isinstance(qc, Mapping):
+        raise ValueError(f"quantization_config is a {type(qc).__name__}, not a JSON object")
     method = qc.get("quant_method", "bitsandbytes")
     if method != "bitsandbytes":
         raise ValueError(f"quantization_config: quant_method {method!r} is not 'bitsandbytes'")
-    four = bool(qc.get("load_in_4bit", qc.get("_load_in_4bit", False)))
-    eight = bool(qc.get("load_in_8bit", qc.get("_load_in_8bit", False)))
+
+    def flag(*keys: str) -> bool:
+        for k in keys:
+            v = qc.get(k)
+            if v is not None and not isinstance(v, bool):
+                raise ValueError(f"quantization_config: {k} must be true or false, got {v!r}")
+        return next((qc[k] for k in keys if qc.get(k) is not None), False)
+
+    four, eight = flag("load_in_4bit", "_load_in_4bit"), flag("load_in_8bit", "_load_in_8bit")
+    if four == eight:
+        raise ValueError("quantization_config: exactly one of load_in_4bit / load_in_8bit must be true, "
+                         f"got {four} / {eight}")
+    double_quant = flag("bnb_4bit_use_double_quant")
+    flag("llm_int8_has_fp16_weight")
+    flag("llm_int8_enable_fp32_cpu_offload")
+    quant_type = qc.get("bnb_4bit_quant_type", "fp4")
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quantization_config: bnb_4bit_quant_type {quant_type!r} is not one of {QUANT_TYPES}")
     compute = qc.get("bnb_4bit_compute_dtype")
+    if compute is not None:
+        if not isinstance(compute, str) or compute.replace("torch.", "") not in FLOAT_DTYPES:
+            raise ValueError(f"quantization_config: bnb_4bit_compute_dtype {compute!r} is not one of {FLOAT_DTYPES}")
+        compute = compute.replace("torch.", "")
+    storage = qc.get("bnb_4bit_quant_storage")
+    if storage is not None and not isinstance(storage, str):
+        raise ValueError(f"quantization_config: bnb_4bit_quant_storage {storage!r} is not a dtype name")
+    threshold = qc.get("llm_int8_threshold", 6.0)
+    if not _is_number(threshold) or not math.isfinite(threshold) or threshold < 0:
+        raise ValueError(f"quantization_config: llm_int8_threshold {threshold!r} is not a finite number >= 0")
     skip = qc.get("llm_int8_skip_modules")
+    if skip is not None and not (isinstance(skip, list) and all(isinstance(m, str) for m in skip)):
+        raise ValueError(f"quantization_config: llm_int8_skip_modules {skip!r} is not a list of module names")
+    try:
+        storage = quant_storage_name(storage)
+    except ValueError as err:
+        raise ValueError(f"quantization_config: {err}") from None
     return BnbConfig(
         load_in_4bit=four,
         load_in_8bit=eight,
-        compute_dtype=None if compute is None else str(compute).replace("torch.", ""),
-        quant_type=str(qc.get("bnb_4bit_quant_type", "fp4")),
-        double_quant=bool(qc.get("bnb_4bit_use_double_quant", False)),
-        quant_storage=quant_storage_name(qc.get("bnb_4bit_quant_storage")),
-        threshold=float(qc.get("llm_int8_threshold", 6.0)),
+        compute_dtype=compute,
+        quant_type=str(quant_type),
+        double_quant=double_quant,
+        quant_storage=storage,
+        threshold=float(threshold),
         skip_modules=None if skip is None else tuple(skip),
     )

@@ -15,8 +15,8 @@ import math
 
 import torch
 
-from . import ops, reference
-from ._cuda import FUSED_MAX_M, cupy_backend
+from . import _cuda, ops, reference
+from ._cuda import FUSED_MAX_M, cupy_backend, release_scratch
 from .reference import check_blocksize, check_quant_type
 
 __all__ = [
@@ -34,9 +34,11 @@ __all__ = [
     "int8_vectorwise_quant",
     "lora_linear_4bit",
     "matmul_4bit",
+    "multi_lora_linear_4bit",
     "ops",
     "quantize_4bit",
     "reference",
+    "release_scratch",
 ]
 
 _NATIVE = (torch.float32, torch.float16, torch.bfloat16)
@@ -143,28 +145,34 @@ def _lora_delta(x_lora, lora_a, lora_b, scale):
     return torch.matmul(xa, lora_b.t()) * scale, xa
 
 
-def _add_lora_and_save(ctx, out, x, bias, lora_a, lora_b, x_lora, scale, weight_tensors):
+def _add_lora_and_save(ctx, out, x, bias, lora_a, lora_b, x_lora, scale, weight_tensors, xa=None):
     """Shared forward tail of the layer Functions: adds the LoRA term (if any) to the base
     output and saves what the backward pass needs: the frozen weight's tensors, and for LoRA
-    x_lora, the small ``x A^T`` and the adapter weights."""
+    x_lora, the small ``x A^T`` and the adapter weights. With ``xa`` given, the base op has
+    already added the LoRA term (the fused CUDA path) and returned ``x_lora A^T``."""
     ctx.lora_meta = (scale, None if bias is None else bias.dtype, lora_a is not None, x_lora is not None, x.dtype,
                      len(weight_tensors))
     if lora_a is None:
         ctx.save_for_backward(*weight_tensors)
         return out
     xl = x if x_lora is None else x_lora
+    if xa is not None:
+        ctx.save_for_backward(*weight_tensors, xl, xa, lora_a, lora_b)
+        return out
     delta, xa = _lora_delta(xl, lora_a, lora_b, scale)
     ctx.save_for_backward(*weight_tensors, xl, xa, lora_a, lora_b)
     return out + delta.to(out.dtype)
 
 
-def _linear_backward(ctx, grad_out, weight):
+def _linear_backward(ctx, grad_out, weight, grad_input=None):
     """Shared backward of the layer Functions, inputs ordered (x, bias, lora_a, lora_b, x_lora):
-    ``grad_x = g W (+ the LoRA part)``, W decoded by ``weight(dtype, *weight_tensors)``."""
+    ``grad_x = g W (+ the LoRA part)``, W decoded by ``weight(dtype, *weight_tensors)``; or, when
+    ``grad_input(g, grad_xa, lora_a, *weight_tensors)`` is given and returns a tensor, that op
+    computes ``g W (+ grad_xa A)`` in one call (grad_xa None when the adapter has its own input)."""
     scale, bias_dtype, has_lora, separate_lora_input, x_dtype, n_weight = ctx.lora_meta
     saved = ctx.saved_tensors
     g = grad_out.to(x_dtype)
-    grad_x = grad_bias = grad_a = grad_b = grad_x_lora = lora_part = None
+    grad_x = grad_bias = grad_a = grad_b = grad_x_lora = lora_part = gxa = lora_a = None
     if has_lora:
         xl, xa, lora_a, lora_b = saved[n_weight:]
         gl = grad_out.to(xl.dtype).reshape(-1, grad_out.shape[-1]) * scale  # reaching (x A^T) B^T
@@ -173,11 +181,14 @@ def _linear_backward(ctx, grad_out, weight):
             grad_a = torch.matmul(gxa.t(), xl.reshape(-1, xl.shape[-1]))
         if ctx.needs_input_grad[3]:
             grad_b = torch.matmul(gl.t(), xa.reshape(-1, xa.shape[-1]))
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[4]:
-            lora_part = torch.matmul(gxa, lora_a).reshape(xl.shape)
+    if ctx.needs_input_grad[0] and grad_input is not None:
+        fused_lora = has_lora and not separate_lora_input
+        grad_x = grad_input(g, gxa if fused_lora else None, lora_a if fused_lora else None, *saved[:n_weight])
+    if has_lora and (ctx.needs_input_grad[4] or (ctx.needs_input_grad[0] and grad_x is None)):
+        lora_part = torch.matmul(gxa, lora_a).reshape(xl.shape)
         if separate_lora_input:
             grad_x_lora = lora_part
-    if ctx.needs_input_grad[0]:
+    if ctx.needs_input_grad[0] and grad_x is None:
         grad_x = torch.matmul(g, weight(g.dtype, *saved[:n_weight]))
         if has_lora and not separate_lora_input:
             grad_x = grad_x + lora_part.to(grad_x.dtype)
@@ -201,6 +212,14 @@ class Linear4bitFunction(torch.autograd.Function):
                 shape, blocksize, quant_type, out_dtype, decode_dtype):
         w_absmax = _absmax_of(absmax, nested_absmax, nested_code, offset)
         decode_dtype = decode_dtype or x.dtype
+        weight_tensors = (packed, absmax, nested_absmax, nested_code, offset)
+        ctx.meta = (shape, blocksize, quant_type, decode_dtype)
+        if lora_a is not None and decode_dtype == x.dtype and _cuda.lora_fusable(x, x_lora, lora_a, lora_b):
+            # CUDA: the base and the LoRA term in one op (the GEMV's LoRA epilogue for small M).
+            out, xa = torch.ops.nybble.matmul_4bit_lora(x, packed, w_absmax, shape, blocksize, quant_type, bias,
+                                                        x_lora, lora_a, lora_b, scale, None, None)
+            return _add_lora_and_save(ctx, out.to(out_dtype or x.dtype), x, bias, lora_a, lora_b, x_lora, scale,
+                                      weight_tensors, xa=xa)
         if decode_dtype == x.dtype:
             out = torch.ops.nybble.matmul_4bit(x, packed, w_absmax, shape, blocksize, quant_type, bias)
         else:  # e.g. float64 activations over the float32-decoded weight
@@ -208,9 +227,7 @@ class Linear4bitFunction(torch.autograd.Function):
             out = torch.nn.functional.linear(x, w.to(x.dtype), bias)
         out_dtype = out_dtype or x.dtype
         out = out.to(out_dtype)
-        ctx.meta = (shape, blocksize, quant_type, decode_dtype)
-        return _add_lora_and_save(ctx, out, x, bias, lora_a, lora_b, x_lora, scale,
-                                  (packed, absmax, nested_absmax, nested_code, offset))
+        return _add_lora_and_save(ctx, out, x, bias, lora_a, lora_b, x_lora, scale, weight_tensors)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -221,7 +238,15 @@ class Linear4bitFunction(torch.autograd.Function):
             return torch.ops.nybble.dequantize_4bit(packed, w_absmax, shape, blocksize, quant_type,
                                                     decode_dtype).to(dtype)
 
-        return _linear_backward(ctx, grad_out, weight) + (None,) * 11
+        def grad_input(g, grad_xa, lora_a, packed, absmax, nested_absmax, nested_code, offset):
+            # CUDA: g W (+ grad_xa A) in one op (the transposed GEMV for small M).
+            if g.dtype != decode_dtype or not _cuda.grad_input_fusable(g, lora_a):
+                return None
+            w_absmax = _absmax_of(absmax, nested_absmax, nested_code, offset)
+            return torch.ops.nybble.matmul_4bit_grad_input(g, packed, w_absmax, shape, blocksize, quant_type, grad_xa,
+                                                           lora_a)
+
+        return _linear_backward(ctx, grad_out, weight, grad_input) + (None,) * 11
 
 
 def linear_4bit(x, packed, absmax, shape, blocksize, quant_type, bias=None, *, nested_absmax=None, nested_code=None,
@@ -283,6 +308,46 @@ def lora_linear_4bit(
                        lora_b=lora_b.to(x.dtype), scale=scale, x_lora=x_lora)
 
 
+def multi_lora_linear_4bit(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    shape,
+    blocksize: int,
+    quant_type: str,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    adapter_index: torch.Tensor,
+    scale: float = 1.0,
+    adapter_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    check_index: bool = True,
+) -> torch.Tensor:
+    """Serving many adapters over one 4-bit base (inference, no autograd): row i of x (leading
+    dims flattened) gets ``x_i W^T + bias + scale * adapter_scale[j] * (x_i A_j^T) B_j^T`` with
+    ``j = adapter_index[i]``; a negative index means the base only. ``lora_a`` (L, r, in) and
+    ``lora_b`` (L, out, r) are the stacked adapters (in x's dtype), ``adapter_scale`` (L,)
+    per-adapter factors (e.g. alpha / r). On CUDA up to FUSED_MAX_M rows run the GEMV with the
+    LoRA epilogue (the packed weight read once for all adapters). ``check_index`` verifies
+    every index is < L (one device-to-host sync)."""
+    _check_4bit_args(x, packed, absmax, shape, blocksize, quant_type)
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if lora_a.dim() != 3 or lora_b.dim() != 3 or lora_a.shape[0] != lora_b.shape[0]:
+        raise ValueError(f"stacked adapters need lora_a (L, r, in) and lora_b (L, out, r), got "
+                         f"{tuple(lora_a.shape)} and {tuple(lora_b.shape)}")
+    if adapter_index.numel() != rows:
+        raise ValueError(f"adapter_index has {adapter_index.numel()} entries for {rows} rows")
+    if check_index and rows and bool((adapter_index >= lora_a.shape[0]).any()):
+        raise ValueError(f"adapter_index holds an index >= the {lora_a.shape[0]} adapters")
+    idx = adapter_index.reshape(-1).to(x.device, torch.int32)
+    sc = None if adapter_scale is None else adapter_scale.to(x.device, torch.float32).reshape(-1)
+    with torch.no_grad():
+        out, _ = torch.ops.nybble.matmul_4bit_lora(x, packed, absmax.float(), _shape2(shape), int(blocksize), quant_type,
+                                                   bias, None, lora_a.to(x.dtype), lora_b.to(x.dtype), float(scale),
+                                                   idx, sc)
+    return out
+
+
 # ---------------------------------------------------------------------- int8
 
 
@@ -325,6 +390,11 @@ class Linear8bitFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bias, lora_a, lora_b, x_lora, scale, q_w, scb, threshold, out_dtype):
+        if lora_a is not None and _cuda.lora_fusable(x, x_lora, lora_a, lora_b):
+            # CUDA: the base and the LoRA term in one op (one epilogue kernel for small M).
+            out, xa = torch.ops.nybble.int8_linear_lora(x, q_w, scb, bias, threshold, x_lora, lora_a, lora_b, scale)
+            return _add_lora_and_save(ctx, out.to(out_dtype or x.dtype), x, bias, lora_a, lora_b, x_lora, scale,
+                                      (q_w, scb), xa=xa)
         out = torch.ops.nybble.int8_linear(x, q_w, scb, bias, threshold)
         out_dtype = out_dtype or x.dtype
         out = out.to(out_dtype)

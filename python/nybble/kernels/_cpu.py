@@ -6,6 +6,9 @@ Each function has the op's signature; ``ops`` registers them as the ``CPU`` kern
 
 from __future__ import annotations
 
+import math
+import os
+
 import numpy as np
 import torch
 
@@ -14,6 +17,12 @@ from . import optim as kopt
 from . import reference
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+#: Threads of the fused matmuls: torch's OpenMP team ("openmp", the threads torch's own ops
+#: run on; they spin between ops, so a second pool would fight them for the cores), or
+#: nybble's rayon pools ("rayon", also the fallback without a loaded libgomp). Set once at
+#: import from NYBBLE_PARALLEL (default "openmp"); ``_core.set_parallel_backend`` changes it.
+PARALLEL_BACKEND = _core.set_parallel_backend(os.environ.get("NYBBLE_PARALLEL", "").strip().lower() or "openmp")
 
 
 def np_view(t: torch.Tensor) -> np.ndarray:
@@ -63,7 +72,45 @@ def quantize_4bit(w, blocksize, quant_type):
     return packed.reshape(-1, 1), torch.from_numpy(state.absmax)
 
 
+#: Most rows of x (tokens) for which ``matmul_4bit`` runs the fused Rust kernel (codes decoded
+#: in registers, the packed weight read once); above it, dequantize to x's dtype + one BLAS
+#: call. Measured with benches/bench_cpu_decode.py --crossover (and CPU-time runs of the same
+#: calls) on the dev machine, AMD EPYC Zen 4 with AVX512-BF16, 2 threads, torch 2.15, NF4
+#: blocksize 64: bf16 x, fused / (dequantize + oneDNN bf16 GEMM) time = 0.51 at M=64, 0.66 at
+#: 128, 0.88-1.04 at 256, 0.93-1.0 at 384 (4096x4096 and 11008x4096); float32 x still
+#: 0.76-0.95 at 384. Float16 x always takes the fused kernel: torch's float16 CPU GEMM is
+#: 3.5-5x slower than it at every M measured (128-384).
+FUSED_4BIT_MAX_M = 256
+
+
+def _rows(x: torch.Tensor) -> int:
+    return math.prod(x.shape[:-1])
+
+
+def fused_4bit_applies(x: torch.Tensor, packed: torch.Tensor) -> bool:
+    """Whether ``matmul_4bit`` takes the fused kernel for this input (see FUSED_4BIT_MAX_M)."""
+    if x.dtype not in DTYPE_NAMES or packed.dtype != torch.uint8:
+        return False
+    return x.dtype == torch.float16 or _rows(x) <= FUSED_4BIT_MAX_M
+
+
+def matmul_4bit_fused(x, packed, absmax, shape, blocksize, quant_type, bias, simd: str | None = None):
+    """``x @ W^T (+ bias)`` by the fused Rust kernel (x float32 / float16 / bfloat16, any number
+    of rows), the output in x's dtype. The bias is rounded to x's dtype first, as the dense
+    path adds it. ``simd`` forces a level (default: ``NYBBLE_SIMD``, else the best)."""
+    n_out, n_in = int(shape[0]), int(shape[1])
+    if x.shape[-1] != n_in:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight {n_in}")
+    out = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype)
+    b = None if bias is None else np_view(bias.detach().to(x.dtype).float())
+    _core.matmul_4bit(np_view(x), DTYPE_NAMES[x.dtype], _rows(x), np_view(packed), np_view(absmax.float()), n_out,
+                      n_in, blocksize, quant_type, b, np_view(out), simd)
+    return out
+
+
 def matmul_4bit(x, packed, absmax, shape, blocksize, quant_type, bias):
+    if fused_4bit_applies(x, packed):
+        return matmul_4bit_fused(x, packed, absmax, shape, blocksize, quant_type, bias)
     # Decode W once into x's dtype (float64: exact products), then one BLAS call.
     w = dequantize_4bit(packed, absmax, shape, blocksize, quant_type, x.dtype)
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
@@ -86,6 +133,27 @@ def int8_matmul(a, b):
 
 def int8_matmul_dequant(q_a, q_b, row_scale_a, row_scale_b, bias, dtype):
     return reference.int8_matmul_dequant(q_a, q_b, row_scale_a, row_scale_b, bias, dtype)
+
+
+def int8_linear_applies(x: torch.Tensor, q_w: torch.Tensor) -> bool:
+    """Whether ``nybble::int8_linear`` takes the fused kernel on CPU (x float32 / float16 /
+    bfloat16 and an int8 2-D weight; float64 x keeps the op composition)."""
+    return x.dtype in DTYPE_NAMES and q_w.dtype == torch.int8 and q_w.dim() == 2 and x.dim() >= 1
+
+
+def int8_linear(x, q_w, w_scale, bias, threshold, simd: str | None = None):
+    """LLM.int8() linear by the fused Rust kernel: the op composition's numerics (vector-wise
+    int8 x with float32 outlier columns, exact int8 dot products, float32 epilogue, one rounding
+    to x's dtype); equal to it bit for bit except the last bits of the outlier sum when two or
+    more outlier columns exist (summed in column order, not BLAS's)."""
+    n_out, n_in = int(q_w.shape[0]), int(q_w.shape[1])
+    if x.shape[-1] != n_in:
+        raise ValueError(f"x has {x.shape[-1]} features, the int8 weight {n_in}")
+    out = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype)
+    b = None if bias is None else np_view(bias.detach().float())
+    _core.int8_linear(np_view(x), DTYPE_NAMES[x.dtype], _rows(x), np_view(q_w), np_view(w_scale.float()), n_out, n_in,
+                      b, float(threshold), np_view(out), simd)
+    return out
 
 
 def adamw_8bit(p, g, state1, state2, absmax1, absmax2, code1, code2, h: dict, threads: int | None) -> None:

@@ -24,18 +24,53 @@ CI_ARCHS: tuple[str, ...] = ("sm_80", "sm_90")
 _FLOATS = ("f32", "f16", "bf16")
 _QUANTS = ("nf4", "fp4")
 GEMV_TILES: tuple[int, ...] = (1, 2, 4, 8, 16)
+#: Row tiles of the transposed (backward) GEMV and of the LoRA down projection; M beyond the
+#: largest takes several tiles (a 16-row down projection spills on sm_80).
+GEMV_T_TILES: tuple[int, ...] = (1, 2, 4, 8)
+LORA_DOWN_TILES: tuple[int, ...] = (1, 2, 4, 8)
 KERNELS: dict[str, tuple[str, ...]] = {
     "dequant_4bit.cu": tuple(f"nybble_dequant_4bit_{q}_{t}" for q in _QUANTS for t in _FLOATS)
     + ("nybble_decode_absmax",),
     "quant_4bit.cu": tuple(f"nybble_quant_4bit_{q}_{t}" for q in _QUANTS for t in _FLOATS),
     "gemv_4bit.cu": tuple(
-        f"nybble_gemv_4bit_{q}_{t}_m{mt}" for q in _QUANTS for t in _FLOATS for mt in GEMV_TILES
+        f"nybble_gemv_4bit{v}_{q}_{t}_m{mt}" for v in ("", "_lora") for q in _QUANTS for t in _FLOATS
+        for mt in GEMV_TILES
     ),
+    "gemv_4bit_t.cu": tuple(
+        f"nybble_gemv_4bit_t_partial_{q}_{t}_m{mt}" for q in _QUANTS for t in _FLOATS for mt in GEMV_T_TILES
+    )
+    + tuple(f"nybble_gemv_4bit_t_finish_{t}" for t in _FLOATS),
+    "lora.cu": tuple(f"nybble_lora_down_{t}_m{mt}" for t in _FLOATS for mt in LORA_DOWN_TILES),
     "int8.cu": tuple(
-        f"nybble_int8_{k}_{t}" for k in ("outlier_flags", "vectorwise_quant", "mm_dequant") for t in _FLOATS
+        f"nybble_int8_{k}_{t}" for k in ("outlier_flags", "vectorwise_quant", "mm_dequant", "mm_dequant_lora")
+        for t in _FLOATS
     ),
     "optim_8bit.cu": tuple(f"nybble_adamw_{b}_{t}" for b in ("8bit", "32bit") for t in _FLOATS),
 }
+
+#: Threads per block each kernel is launched with (its ``__launch_bounds__``), by name
+#: prefix; the launchers use these numbers, the compile check's occupancy table too, and the
+#: emulator test holds them to the bounds compiled into each kernel.
+BLOCK_THREADS: dict[str, int] = {
+    "nybble_dequant_4bit_": 256,
+    "nybble_decode_absmax": 256,
+    "nybble_quant_4bit_": 256,
+    "nybble_gemv_4bit_t_partial_": 128,
+    "nybble_gemv_4bit_t_finish_": 256,
+    "nybble_gemv_4bit_": 128,
+    "nybble_lora_down_": 128,
+    "nybble_int8_": 256,
+    "nybble_adamw_": 256,
+}
+
+
+def block_threads(kernel: str) -> int:
+    """Threads per block ``kernel`` is launched with (the longest matching prefix)."""
+    best = max((p for p in BLOCK_THREADS if kernel.startswith(p)), key=len, default=None)
+    if best is None:
+        raise KeyError(f"no launch size recorded for kernel {kernel!r}")
+    return BLOCK_THREADS[best]
+
 
 _LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
 

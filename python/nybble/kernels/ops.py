@@ -19,6 +19,7 @@ them and define the gradients.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 
 import torch
@@ -173,6 +174,74 @@ def _(x, packed, absmax, shape, blocksize, quant_type, bias):
 _register(matmul_4bit, _late(_cpu, "matmul_4bit"), _late(_cuda, "matmul_4bit"), reference.matmul_4bit)
 
 
+# QLoRA: the adapter term with its base (the layer Functions' fused path on CUDA).
+
+
+def _with_lora(base: Tensor, x: Tensor, x_lora, lora_a, lora_b, scale, adapter_index=None, adapter_scale=None):
+    """``(base + the LoRA term in base's dtype, x_lora A^T)``, the adapter GEMMs in torch."""
+    xl = x if x_lora is None else x_lora
+    delta, xa = reference.lora_delta(xl.reshape(-1, xl.shape[-1]), lora_a, lora_b, scale, adapter_index,
+                                     adapter_scale)
+    return base + delta.to(base.dtype).reshape(base.shape), xa.reshape(*xl.shape[:-1], xa.shape[-1])
+
+
+def _matmul_4bit_lora_cpu(x, packed, absmax, shape, blocksize, quant_type, bias, x_lora, lora_a, lora_b, scale,
+                          adapter_index, adapter_scale):
+    base = _cpu.matmul_4bit(x, packed, absmax, shape, blocksize, quant_type, bias)
+    return _with_lora(base, x, x_lora, lora_a, lora_b, scale, adapter_index, adapter_scale)
+
+
+@torch.library.custom_op("nybble::matmul_4bit_lora", mutates_args=())
+def matmul_4bit_lora(x: Tensor, packed: Tensor, absmax: Tensor, shape: list[int], blocksize: int, quant_type: str,
+                     bias: Tensor | None, x_lora: Tensor | None, lora_a: Tensor, lora_b: Tensor, scale: float,
+                     adapter_index: Tensor | None, adapter_scale: Tensor | None) -> tuple[Tensor, Tensor]:
+    """QLoRA with unmerged adapters: ``(x W^T + bias + scale * (x_lora A^T) B^T, x_lora A^T)``,
+    ``x_lora`` None meaning x. A (r, in), B (out, r); or stacked A (L, r, in), B (L, out, r)
+    with ``adapter_index`` (one int per row of x; negative: no adapter) and ``adapter_scale``
+    (L,) multiplying ``scale``. On CUDA, M <= 64 runs the LoRA down projection and the GEMV
+    with the LoRA epilogue (one rounding, x A^T in float32)."""
+    return reference.matmul_4bit_lora(x, packed, absmax, shape, blocksize, quant_type, bias, x_lora, lora_a, lora_b,
+                                      scale, adapter_index, adapter_scale)
+
+
+@matmul_4bit_lora.register_fake
+def _(x, packed, absmax, shape, blocksize, quant_type, bias, x_lora, lora_a, lora_b, scale, adapter_index,
+      adapter_scale):
+    xl = x if x_lora is None else x_lora
+    return x.new_empty((*x.shape[:-1], shape[0])), xl.new_empty((*xl.shape[:-1], lora_a.shape[-2]))
+
+
+_register(matmul_4bit_lora, _late(sys.modules[__name__], "_matmul_4bit_lora_cpu"), _late(_cuda, "matmul_4bit_lora"),
+          reference.matmul_4bit_lora)
+
+
+def _matmul_4bit_grad_input_cpu(grad_out, packed, absmax, shape, blocksize, quant_type, grad_xa, lora_a):
+    w = _cpu.dequantize_4bit(packed, absmax, shape, blocksize, quant_type, grad_out.dtype)
+    out = torch.matmul(grad_out, w)
+    if grad_xa is not None:
+        out = out + torch.matmul(grad_xa.to(grad_out.dtype), lora_a.to(grad_out.dtype)).reshape(out.shape)
+    return out
+
+
+@torch.library.custom_op("nybble::matmul_4bit_grad_input", mutates_args=())
+def matmul_4bit_grad_input(grad_out: Tensor, packed: Tensor, absmax: Tensor, shape: list[int], blocksize: int,
+                           quant_type: str, grad_xa: Tensor | None, lora_a: Tensor | None) -> Tensor:
+    """The backward pass through a packed W of ``shape = (out, in)``: ``g W (+ grad_xa A)`` in g's
+    dtype, ``grad_xa`` (M, r) the gradient reaching ``x A^T`` (scale included). On CUDA, M <= 64
+    runs the transposed GEMV (packed W read once, the LoRA term in its epilogue); larger M
+    decodes W into a reused scratch buffer for cuBLAS."""
+    return reference.matmul_4bit_grad_input(grad_out, packed, absmax, shape, blocksize, quant_type, grad_xa, lora_a)
+
+
+@matmul_4bit_grad_input.register_fake
+def _(grad_out, packed, absmax, shape, blocksize, quant_type, grad_xa, lora_a):
+    return grad_out.new_empty((*grad_out.shape[:-1], shape[1]))
+
+
+_register(matmul_4bit_grad_input, _late(sys.modules[__name__], "_matmul_4bit_grad_input_cpu"),
+          _late(_cuda, "matmul_4bit_grad_input"), reference.matmul_4bit_grad_input)
+
+
 # ---------------------------------------------------------------------- int8 (LLM.int8())
 
 
@@ -253,8 +322,44 @@ def _(x, q_w, w_scale, bias, threshold):
     return x.new_empty((*x.shape[:-1], q_w.shape[0]))
 
 
-# CPU and CUDA: the same composition, whose inner ops dispatch to the Rust core / the kernels.
-_register(int8_linear, _int8_linear, _int8_linear, reference.int8_linear)
+def _int8_linear_cpu(x, q_w, w_scale, bias, threshold):
+    """CPU: the fused Rust LLM.int8() kernel (same numerics as the composition; see
+    ``_cpu.int8_linear``) for float32 / float16 / bfloat16 x, else the composition."""
+    if _cpu.int8_linear_applies(x, q_w):
+        return _cpu.int8_linear(x, q_w, w_scale, bias, threshold)
+    return _int8_linear(x, q_w, w_scale, bias, threshold)
+
+
+# CUDA: the composition, whose inner ops dispatch to the kernels; CPU: the fused kernel.
+_register(int8_linear, _int8_linear_cpu, _int8_linear, reference.int8_linear)
+
+
+def _int8_linear_lora_cpu(x, q_w, w_scale, bias, threshold, x_lora, lora_a, lora_b, scale):
+    base = torch.ops.nybble.int8_linear(x, q_w, w_scale, bias, threshold)  # the CPU kernel
+    return _with_lora(base, x, x_lora, lora_a, lora_b, scale)
+
+
+def _int8_linear_lora_cuda(x, q_w, w_scale, bias, threshold, x_lora, lora_a, lora_b, scale):
+    return _cuda.int8_linear_lora(x, q_w, w_scale, bias, threshold, x_lora, lora_a, lora_b, scale, _int8_linear)
+
+
+@torch.library.custom_op("nybble::int8_linear_lora", mutates_args=())
+def int8_linear_lora(x: Tensor, q_w: Tensor, w_scale: Tensor, bias: Tensor | None, threshold: float,
+                     x_lora: Tensor | None, lora_a: Tensor, lora_b: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """LLM.int8() linear with a LoRA term: ``(int8_linear(x) + scale * (x_lora A^T) B^T,
+    x_lora A^T)``. On CUDA, M <= 64 computes x A^T by the down-projection kernel and folds
+    dequantization, outlier columns, bias and the LoRA term into one epilogue kernel."""
+    return reference.int8_linear_lora(x, q_w, w_scale, bias, threshold, x_lora, lora_a, lora_b, scale)
+
+
+@int8_linear_lora.register_fake
+def _(x, q_w, w_scale, bias, threshold, x_lora, lora_a, lora_b, scale):
+    xl = x if x_lora is None else x_lora
+    return x.new_empty((*x.shape[:-1], q_w.shape[0])), xl.new_empty((*xl.shape[:-1], lora_a.shape[0]))
+
+
+_register(int8_linear_lora, _late(sys.modules[__name__], "_int8_linear_lora_cpu"),
+          _late(sys.modules[__name__], "_int8_linear_lora_cuda"), reference.int8_linear_lora)
 
 
 # ---------------------------------------------------------------------- optimizers

@@ -343,3 +343,96 @@ def int8_linear(
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype).reshape(*x.shape[:-1], q_w.shape[0])
+
+
+def lora_delta(x2: torch.Tensor, lora_a, lora_b, scale, adapter_index=None, adapter_scale=None):
+    """``(scale * (x A_i^T) B_i^T, x A_i^T)`` over the rows of x2 (M, K), row i with its adapter.
+
+    One adapter (A (r, K), B (N, r), no index): two matmuls in x's dtype, as the layer
+    Functions compute it. Stacked adapters (A (L, r, K), B (L, N, r)) with ``adapter_index``
+    (M,): each row its adapter, a negative or out-of-range index meaning none (both results
+    0 for that row), times ``adapter_scale[i]`` when given."""
+    if adapter_index is None and lora_a.dim() == 2:
+        xa = torch.matmul(x2, lora_a.t())
+        s = scale if adapter_scale is None else scale * float(adapter_scale.reshape(-1)[0])
+        return torch.matmul(xa, lora_b.t()) * s, xa
+    a3 = lora_a if lora_a.dim() == 3 else lora_a[None]
+    b3 = lora_b if lora_b.dim() == 3 else lora_b[None]
+    idx = (torch.zeros(x2.shape[0], dtype=torch.int64, device=x2.device) if adapter_index is None
+           else adapter_index.reshape(-1).to(x2.device, torch.int64))
+    delta = torch.zeros((x2.shape[0], b3.shape[1]), dtype=x2.dtype, device=x2.device)
+    xa = torch.zeros((x2.shape[0], a3.shape[1]), dtype=x2.dtype, device=x2.device)
+    for i in range(a3.shape[0]):
+        rows = torch.nonzero(idx == i).reshape(-1)
+        if rows.numel() == 0:
+            continue
+        s = scale if adapter_scale is None else scale * float(adapter_scale.reshape(-1)[i])
+        xa[rows] = torch.matmul(x2[rows], a3[i].t())
+        delta[rows] = torch.matmul(xa[rows], b3[i].t()) * s
+    return delta, xa
+
+
+def matmul_4bit_lora(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    shape,
+    blocksize: int,
+    quant_type: str,
+    bias: torch.Tensor | None,
+    x_lora: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    adapter_index: torch.Tensor | None = None,
+    adapter_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """QLoRA forward: ``(x W^T + bias + scale * (x_lora A^T) B^T, x_lora A^T)`` for a packed W
+    of ``shape = (out, in)``; ``x_lora`` None means x; stacked adapters as in
+    :func:`lora_delta`. The base term is :func:`matmul_4bit` (x's dtype), the LoRA
+    term in x_lora's."""
+    out_features, in_features = shape
+    xl = x if x_lora is None else x_lora
+    base = matmul_4bit(x, packed, absmax, shape, blocksize, quant_type, bias)
+    delta, xa = lora_delta(xl.reshape(-1, in_features), lora_a, lora_b, scale, adapter_index, adapter_scale)
+    out = base + delta.to(base.dtype).reshape(base.shape)
+    return out, xa.reshape(*xl.shape[:-1], xa.shape[-1])
+
+
+def matmul_4bit_grad_input(
+    grad_out: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    shape,
+    blocksize: int,
+    quant_type: str,
+    grad_xa: torch.Tensor | None = None,
+    lora_a: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The input gradient through a packed W (out, in): ``g W (+ grad_xa A)``, W decoded to g's
+    dtype, ``grad_xa`` (M, r) the gradient reaching ``x A^T`` (the LoRA scale included)."""
+    w = dequantize_4bit(packed, absmax, shape, blocksize, quant_type, grad_out.dtype)
+    out = torch.matmul(grad_out, w)
+    if grad_xa is not None:
+        lora = torch.matmul(grad_xa.reshape(-1, grad_xa.shape[-1]).to(grad_out.dtype), lora_a.to(grad_out.dtype))
+        out = out + lora.reshape(out.shape)
+    return out
+
+
+def int8_linear_lora(
+    x: torch.Tensor,
+    q_w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    threshold: float,
+    x_lora: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LLM.int8() linear with a LoRA term: ``(int8_linear(x) + scale * (x_lora A^T) B^T,
+    x_lora A^T)``, the adapter in x_lora's dtype."""
+    base = int8_linear(x, q_w, w_scale, bias, threshold)
+    xl = x if x_lora is None else x_lora
+    delta, xa = lora_delta(xl.reshape(-1, xl.shape[-1]), lora_a, lora_b, scale)
+    return base + delta.to(base.dtype).reshape(base.shape), xa.reshape(*xl.shape[:-1], xa.shape[-1])

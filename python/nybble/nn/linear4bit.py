@@ -121,6 +121,20 @@ class Linear4bit(nn.Module):
         if tuple(w.shape) != (self.out_features, self.in_features):
             raise ValueError(f"weight shape {tuple(w.shape)} != ({self.out_features}, {self.in_features})")
         packed, absmax = kernels.quantize_4bit(w, self.blocksize, self.quant_type)
+        self.set_packed(packed, absmax)
+
+    @torch.no_grad()
+    def set_packed(self, packed: torch.Tensor, absmax: torch.Tensor) -> None:
+        """Stores 4-bit codes chosen elsewhere (GPTQ, :mod:`nybble.gptq`): ``packed`` uint8
+        ``((n+1)//2, 1)`` in :func:`nybble.kernels.quantize_4bit`'s layout and the float32
+        ``absmax`` per block, double-quantized here when the module is."""
+        n = self.in_features * self.out_features
+        if packed.dtype != torch.uint8 or packed.numel() != formats.packed_nbytes(n):
+            raise ValueError(f"packed must be {formats.packed_nbytes(n)} uint8 codes, got {packed.numel()} {packed.dtype}")
+        if absmax.numel() != math.ceil(n / self.blocksize):
+            raise ValueError(f"absmax must hold {math.ceil(n / self.blocksize)} values, got {absmax.numel()}")
+        packed = packed.reshape(-1, 1).contiguous()
+        absmax = absmax.reshape(-1).to(torch.float32)
         self.weight = formats.packed_as_storage(packed, self.quant_storage).to(self.weight.device)
         if self.double_quant:
             codes, nested = kernels.double_quantize(absmax)
@@ -227,11 +241,13 @@ class Linear4bit(nn.Module):
         if prefix + _quant_state_key(other_type) in state_dict:
             error_msgs.append(f"{prefix}weight: checkpoint is {other_type}, module is {self.quant_type}")
             return
-        needed = [prefix + _WEIGHT, prefix + _ABSMAX, key]
+        needed = [prefix + _WEIGHT, prefix + _ABSMAX, prefix + _QUANT_MAP, key]
         absent = [k for k in needed if k not in state_dict]
         if absent:
             missing_keys.extend(absent)
             return
+        # Every field and tensor is validated by the one format module before anything is
+        # taken: a bad quant_state is an error message, never a silently wrong layer.
         try:
             qs = formats.parse_quant_state(formats.decode_quant_state(state_dict[key]), self.quant_type)
         except ValueError as err:
@@ -245,6 +261,19 @@ class Linear4bit(nn.Module):
             error_msgs.append(f"{prefix}weight: checkpoint double_quant={qs.double_quant}, "
                               f"module double_quant={self.double_quant}")
             return
+        if qs.double_quant:
+            absent = [prefix + k for k in (_NESTED_ABSMAX, _NESTED_QUANT_MAP) if prefix + k not in state_dict]
+            if absent:
+                missing_keys.extend(absent)
+                return
+        try:
+            formats.check_4bit_tensors(qs, packed=state_dict[prefix + _WEIGHT], absmax=state_dict[prefix + _ABSMAX],
+                                       quant_map=state_dict[prefix + _QUANT_MAP],
+                                       nested_absmax=state_dict.get(prefix + _NESTED_ABSMAX),
+                                       nested_quant_map=state_dict.get(prefix + _NESTED_QUANT_MAP))
+        except ValueError as err:
+            error_msgs.append(f"{prefix}weight: {err}")
+            return
         dev = self.weight.device
 
         def take(name):
@@ -252,10 +281,6 @@ class Linear4bit(nn.Module):
 
         # The stored bytes, whatever their quant_storage, viewed as this module's storage.
         packed = formats.packed_as_uint8(take(_WEIGHT))
-        if packed.numel() != formats.packed_nbytes(qs.numel):
-            error_msgs.append(f"{prefix}weight: {packed.numel()} packed bytes, expected "
-                              f"{formats.packed_nbytes(qs.numel)} for shape {list(qs.shape)}")
-            return
         self.weight = formats.packed_as_storage(packed.contiguous(), self.quant_storage)
         self.weight_dtype = getattr(torch, qs.dtype)
         if qs.double_quant:
@@ -265,8 +290,7 @@ class Linear4bit(nn.Module):
             self.offset_bits = _f32_bits(torch.tensor(qs.nested_offset, device=dev))
         else:
             self.absmax_bits = _f32_bits(take(_ABSMAX))
-        if prefix + _QUANT_MAP in state_dict:
-            self.quant_map_bits = _f32_bits(take(_QUANT_MAP))
+        self.quant_map_bits = _f32_bits(take(_QUANT_MAP))
         if self.bias is not None:
             if prefix + "bias" in state_dict:
                 self.bias = nn.Parameter(take("bias").detach().clone(), requires_grad=False)

@@ -81,9 +81,11 @@ class Linear8bitLt(nn.Module):
             error_msgs.append(f"{prefix}weight: expected int8 ({self.out_features}, {self.in_features}), "
                               f"got {w.dtype} {tuple(w.shape)}")
             return
-        fmt = state_dict.get(prefix + _WEIGHT_FORMAT)
-        if fmt is not None and int(fmt) != formats.WEIGHT_FORMAT_ROW:
-            error_msgs.append(f"{prefix}weight_format {int(fmt)} is not row-major ({formats.WEIGHT_FORMAT_ROW})")
+        # SCB (shape, finite, >= 0) and weight_format by the one format module.
+        try:
+            formats.check_int8_tensors(w, state_dict[prefix + _SCB], state_dict.get(prefix + _WEIGHT_FORMAT))
+        except ValueError as err:
+            error_msgs.append(f"{prefix}weight: {err}")
             return
         dev = self.weight.device
         self.weight = w.to(dev).contiguous()

@@ -56,13 +56,31 @@ class LoraLinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     @torch.no_grad()
-    def reset_lora_parameters(self, init: str = "kaiming") -> None:
+    def reset_lora_parameters(self, init: str = "kaiming", dense_weight: torch.Tensor | None = None,
+                              iters: int = 1) -> None:
+        """``"kaiming"`` / ``"gaussian"``: random A, zero B. ``"loftq"`` / ``"pissa"`` (and
+        ``"pissa_niter_<n>"``) fit the adapters to ``dense_weight``, the original (out, in)
+        weight of a quantized base (:mod:`nybble.lora_init`; LoftQ alternates ``iters``
+        times, re-quantizing the base after the first; PiSSA re-quantizes the residual)."""
+        if init in ("loftq", "pissa") or init.startswith("pissa_niter_"):
+            from .. import lora_init
+
+            if dense_weight is None:
+                raise ValueError(f"init={init!r} needs the layer's original dense weight (dense_weight=...)")
+            if init == "loftq":
+                a, b = lora_init.loftq(self.base_layer, dense_weight, self.r, self.scaling, iters)
+            else:
+                niter = int(init.rsplit("_", 1)[1]) if init.startswith("pissa_niter_") else None
+                a, b = lora_init.pissa(self.base_layer, dense_weight, self.r, self.scaling, niter)
+            self.lora_A.weight.copy_(a)
+            self.lora_B.weight.copy_(b)
+            return
         if init == "kaiming":
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         elif init == "gaussian":
             nn.init.normal_(self.lora_A.weight, std=1 / self.r)
         else:
-            raise ValueError(f"init {init!r} is not 'kaiming' or 'gaussian'")
+            raise ValueError(f"init {init!r} is not 'kaiming', 'gaussian', 'loftq' or 'pissa'")
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

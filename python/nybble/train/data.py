@@ -20,16 +20,27 @@ class DataError(ValueError):
 
 
 def load_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of a jsonl file (a regular file: a FIFO or device is refused up front,
+    ``CorruptFileError``). A line that is not valid UTF-8 / JSON, nested too deeply for the
+    parser, or not a record is a :class:`DataError` naming the file and line."""
+    from .._files import open_regular
+
     path = Path(path)
     records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open_regular(path) as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason})") from None
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise DataError(f"{path}:{lineno}: not valid JSON (nested too deeply)") from None
             if not isinstance(rec, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
             if "text" in rec:

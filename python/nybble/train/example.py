@@ -61,6 +61,11 @@ def build_model_dir(path: str | os.PathLike | None = None, hidden: int = 128, la
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True)
     tok.save_pretrained(str(tmp))
+    from ..outputs import honour_umask
+
+    for f in tmp.rglob("*"):  # safetensors writes its files 0600
+        if f.is_file():
+            honour_umask(f)
     try:
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)

@@ -3,7 +3,7 @@
 One call of :func:`finetune` is one :class:`TrainingRun`, in four parts:
 
 - **setup** (:meth:`TrainingRun.setup`): processes (torchrun / DDP), device, dtype, seeds,
-  data and the number of steps, the quantized model with its adapters, the optimizer, the
+  the output folder (checked, claimed and locked: nybble.outputs), data and the number of steps, the quantized model with its adapters, the optimizer, the
   schedule and (fp16) the gradient scaler;
 - **resume** (:meth:`TrainingRun.resume`): find a checkpoint, check it fits this run, restore
   the adapters, optimizer, schedule, scaler and RNG state;
@@ -33,6 +33,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .. import outputs
 from . import data as _data
 from . import memory as _memory
 from .config import DTYPES, OPTIMIZERS, QUANT_METHODS, SCHEDULES, FinetuneConfig, config_defaults
@@ -266,7 +267,11 @@ def save_checkpoint(path: Path | CheckpointPaths, model, optimizer, scheduler, s
     from ..model import save_adapter
 
     paths = path if isinstance(path, CheckpointPaths) else CheckpointPaths(Path(path))
-    paths.folder.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        # Created and marked as nybble's (nybble.outputs) before any rank writes into it.
+        outputs.claim_folder(paths.folder, "finetune")
+    _barrier(world)
+    paths.folder.mkdir(parents=True, exist_ok=True)  # ranks on another node's own file system
     if rank == 0:
         save_adapter(model, paths.adapter, base_model_name_or_path=str(config.model_dir))
         opt_state = optimizer.state_dict()
@@ -287,6 +292,30 @@ def save_checkpoint(path: Path | CheckpointPaths, model, optimizer, scheduler, s
 def _barrier(world: int) -> None:
     if world > 1:
         torch.distributed.barrier()
+
+
+def _written_by_finetune(name: str) -> bool:
+    """Whether finetune writes the entry ``name`` of its output folder."""
+    from ..model import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    return (name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, outputs.MARKER) or name.startswith((".adapter_", ".nybble"))
+            or CHECKPOINT_RE.match(name) is not None)
+
+
+def check_output_dir(config: FinetuneConfig) -> None:
+    """The output policy (nybble.outputs) for a fine-tuning run: the output folder is not the
+    model folder, inside it or around it; it is not the checkpoint resumed from or inside it;
+    and the data file is not where finetune writes (it may live in the output folder, as the
+    example's does)."""
+    out = Path(config.output_dir)
+    outputs.check_overlap(out, [config.model_dir])
+    if config.resume is not None and config.resume not in RESUME_LATEST:
+        outputs.check_overlap(out, [config.resume], may_contain=True)
+    outputs.check_overlap(out, [config.data], may_contain=True)
+    real_out, real_data = Path(os.path.realpath(out)), Path(os.path.realpath(config.data))
+    if real_out in real_data.parents and _written_by_finetune(real_data.relative_to(real_out).parts[0]):
+        raise outputs.OutputError(f"--data {config.data} is inside the output {out}, where finetune writes its "
+                                  "adapter and checkpoints: move it or choose another output")
 
 
 # ---------------------------------------------------------------------- resume checks
@@ -376,34 +405,43 @@ class NonFiniteGradientError(RuntimeError):
 
 
 class TrainingInterrupted(RuntimeError):
-    """Ctrl-C stopped training after a whole step; ``checkpoint`` holds the run to resume."""
+    """Ctrl-C (or SIGTERM / SIGHUP) stopped training after a whole step; ``checkpoint`` holds
+    the run to resume, ``signum`` the signal (the CLI exits 128 + signum)."""
 
-    def __init__(self, message: str, checkpoint: Path):
+    def __init__(self, message: str, checkpoint: Path, signum: int = signal.SIGINT):
         super().__init__(message)
         self.checkpoint = checkpoint
+        self.signum = int(signum)
 
 
 class _StopRequest:
     """Ctrl-C (SIGINT) asks the loop to stop after the step in progress, which is then saved
-    as a checkpoint: nothing trained is lost. A second Ctrl-C interrupts at once."""
+    as a checkpoint: nothing trained is lost. SIGTERM and SIGHUP do the same where they are
+    left at their default action (an ignored SIGHUP, under nohup, stays ignored). A second
+    signal interrupts at once."""
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+            for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)):
+                if sig is not None and (sig == signal.SIGINT or signal.getsignal(sig) == signal.SIG_DFL):
+                    self._previous[sig] = signal.signal(sig, self._on_signal)
         return self
 
-    def _on_sigint(self, signum, frame):
+    def _on_signal(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt if signum == signal.SIGINT else outputs.OutputInterrupted(signum)
         self.requested = True
+        self.signum = signum
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
         return False
 
     def agreed(self, world: int, device: torch.device) -> bool:
@@ -454,15 +492,21 @@ class TrainingRun:
         self.start = 0  # steps already done (by the checkpoint resumed from)
         self.result = FinetuneResult()
         self._bad_in_a_row = 0  # optimizer steps in a row with a non-finite loss / gradient norm
+        self._lock: outputs.OutputLock | None = None  # rank 0's lock on the output folder
 
     def run(self) -> FinetuneResult:
-        self.setup()
-        self.start = self.resume()
-        self._prepare_training()
-        self.train()
-        self.save_final()
-        self.report()
-        return self.result
+        try:
+            self.setup()
+            self.start = self.resume()
+            self._prepare_training()
+            self.train()
+            self.save_final()
+            self.report()
+            return self.result
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
 
     # ------------------------------------------------------------------ setup
 
@@ -470,6 +514,7 @@ class TrainingRun:
         """Everything before the first step or a resume, in this order (which fixes the
         random draws, hence the adapters' initial values and the data order)."""
         self._setup_processes()
+        self._setup_output()
         self._setup_data()
         self._setup_model()
         self._setup_optimizer()
@@ -490,6 +535,17 @@ class TrainingRun:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
+
+    def _setup_output(self) -> None:
+        """The output folder, by nybble's output policy (nybble.outputs): checked against the
+        inputs, created or accepted (new, empty or finetune's own) by each node's first
+        process, and locked by rank 0 for the whole run (a second run on it fails at once)."""
+        cfg = self.config
+        check_output_dir(cfg)
+        if self.local_rank == 0:
+            outputs.claim_folder(cfg.output_dir, "finetune")
+        if self.rank == 0:
+            self._lock = outputs.OutputLock(cfg.output_dir).acquire()
 
     def _setup_data(self) -> None:
         import transformers
@@ -607,9 +663,11 @@ class TrainingRun:
                     paths = CheckpointPaths.at_step(cfg.output_dir, step + 1)
                     if not paths.is_complete():
                         self.save_checkpoint(step + 1)
-                    raise TrainingInterrupted(f"interrupted after step {step + 1} of {total_steps}; the run is "
-                                              f"saved in {paths.folder}: continue it with --resume latest",
-                                              paths.folder)
+                    how = "" if stop_request.signum in (None, signal.SIGINT) else \
+                        f" by {signal.Signals(stop_request.signum).name}"
+                    raise TrainingInterrupted(f"interrupted{how} after step {step + 1} of {total_steps}; the run "
+                                              f"is saved in {paths.folder}: continue it with --resume latest",
+                                              paths.folder, stop_request.signum or signal.SIGINT)
         self.result.seconds = time.perf_counter() - t0
         self.result.tokens = tokens_total
         self.result.steps = total_steps - start

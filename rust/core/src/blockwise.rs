@@ -34,6 +34,26 @@ pub fn packed_len(n: usize) -> usize {
     n.div_ceil(2)
 }
 
+/// Checks the sizes a 4-bit decode of `n` elements is given (typically read from a
+/// quant_state) against the buffers: the blocksize is supported, `packed_len` is
+/// `(n + 1) / 2` and `absmax_len` is `ceil(n / blocksize)`. Callers run it before
+/// allocating an `n`-element output, so a quant_state claiming 10^12 elements of a 4-byte
+/// tensor is an error, not a 4 TB allocation.
+pub fn check_4bit_sizes(
+    n: usize,
+    blocksize: usize,
+    packed_len: usize,
+    absmax_len: usize,
+) -> Result<()> {
+    check_blocksize(blocksize)?;
+    check_len(
+        "packed input (bytes for n elements: (n + 1) / 2)",
+        n.div_ceil(2),
+        packed_len,
+    )?;
+    check_len("absmax", num_blocks(n, blocksize), absmax_len)
+}
+
 /// Midpoints between sorted neighbours: an input above bound i is nearer code i + 1.
 /// An exact tie goes to the lower code, as in bitsandbytes.
 fn midpoints<const N: usize, const M: usize>(sorted: &[f32; N]) -> [f32; M] {

@@ -107,7 +107,7 @@ impl QuantStorage {
     /// byte count that is not a multiple of the item size, and neither does nybble.
     pub fn packed_shape(self, packed_len: usize) -> Result<Vec<usize>> {
         let itemsize = self.dtype().size_bytes();
-        if packed_len % itemsize != 0 {
+        if !packed_len.is_multiple_of(itemsize) {
             return Err(Error::LengthMismatch {
                 what: "packed 4-bit bytes for this quant_storage (a multiple of its item size)",
                 expected: packed_len.next_multiple_of(itemsize),
@@ -164,67 +164,256 @@ pub fn is_quantizable(info: &TensorInfo) -> bool {
     info.shape.len() == 2 && info.num_elements() > 0 && info.dtype.float_dtype().is_some()
 }
 
+/// Largest shard index read (the index of a 1000-shard model is a few MB).
+const MAX_INDEX_BYTES: u64 = 256 << 20;
+
 /// The checkpoint files of `path`: the file itself, or in a folder the shards listed by
-/// `model.safetensors.index.json` (in order of first appearance), else `model.safetensors`.
+/// `model.safetensors.index.json` (sorted by name), else `model.safetensors`.
+///
+/// Every input must be a regular file (symlinks followed): a FIFO, device or socket is refused
+/// before it is opened for reading ([`Error::NotRegularFile`]). A sharded folder's index and
+/// its shards must agree ([`check_index`]): every listed tensor is in the shard the index
+/// names, every tensor of a listed shard is listed, and a numbered series
+/// (`model-00002-of-00003.safetensors`) is complete and fully listed; otherwise the folder is
+/// an [`Error::InvalidIndex`] rather than a conversion that silently drops tensors.
 pub fn resolve_inputs(path: &Path) -> Result<Vec<PathBuf>> {
-    if !path.is_dir() {
-        if !path.exists() {
-            return Err(Error::Io {
+    let io_error = |path: &Path, source| Error::Io {
+        path: path.to_owned(),
+        source,
+    };
+    // The OS error, so a missing path reads "No such file or directory".
+    let meta = std::fs::metadata(path).map_err(|e| io_error(path, e))?;
+    if !meta.is_dir() {
+        if !meta.is_file() {
+            return Err(Error::NotRegularFile {
                 path: path.to_owned(),
-                source: std::io::ErrorKind::NotFound.into(),
+                kind: crate::safetensors::file_kind(meta.file_type()),
             });
         }
         return Ok(vec![path.to_owned()]);
     }
     let index = path.join(INDEX_FILE);
-    if index.is_file() {
+    let index_meta = match std::fs::metadata(&index) {
+        Ok(m) => Some(m),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io_error(&index, e)),
+    };
+    if index_meta.is_some() {
         let invalid = |reason: String| Error::InvalidIndex {
             path: index.clone(),
             reason,
         };
-        let text = std::fs::read_to_string(&index).map_err(|source| Error::Io {
-            path: index.clone(),
-            source,
-        })?;
-        let root: Value =
-            serde_json::from_str(&text).map_err(|e| invalid(format!("not valid JSON: {e}")))?;
-        let Some(Value::Object(weight_map)) = root.get("weight_map") else {
-            return Err(invalid("missing the \"weight_map\" object".into()));
-        };
-        let mut files: Vec<PathBuf> = Vec::new();
-        for (tensor, file) in weight_map {
-            let Value::String(file) = file else {
-                return Err(invalid(format!(
-                    "tensor {tensor:?}: file name is not a string"
-                )));
-            };
-            // A shard must be a plain file name in the folder: no way out of it.
-            if file.contains('/') || file.contains('\\') || file.starts_with('.') {
-                return Err(invalid(format!(
-                    "tensor {tensor:?}: bad shard name {file:?}"
-                )));
+        let text = crate::safetensors::read_small_text(&index, MAX_INDEX_BYTES)?;
+        let weight_map = parse_index(&text).map_err(invalid)?;
+        let mut names: Vec<&str> = Vec::new();
+        for (_, file) in &weight_map {
+            if !names.contains(&file.as_str()) {
+                names.push(file);
             }
-            let shard = path.join(file);
-            if !files.contains(&shard) {
-                if !shard.is_file() {
-                    return Err(invalid(format!("shard {file:?} does not exist")));
+        }
+        let mut shards = BTreeMap::new();
+        for name in &names {
+            let shard = path.join(name);
+            match std::fs::metadata(&shard) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(invalid(format!("shard {name:?} does not exist")))
                 }
-                files.push(shard);
+                Err(e) => return Err(io_error(&shard, e)),
+                Ok(_) => {}
+            }
+            let file = SafetensorsFile::open(&shard)?;
+            let tensors: Vec<String> = file.tensors().map(|(t, _)| t.to_owned()).collect();
+            shards.insert((*name).to_owned(), tensors);
+        }
+        let present: Vec<String> = std::fs::read_dir(path)
+            .map_err(|e| io_error(path, e))?
+            .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+            .collect();
+        // Unlisted members of a listed series too, so that a tensor listed in the wrong shard
+        // is reported as stored in the unlisted one (not as a ghost).
+        let series: Vec<(String, usize)> = names
+            .iter()
+            .filter_map(|n| shard_series(n).map(|(p, _, t, _, _)| (p.to_owned(), t)))
+            .collect();
+        for other in &present {
+            let member = shard_series(other)
+                .is_some_and(|(p, _, t, _, _)| series.iter().any(|(sp, st)| sp == p && *st == t));
+            if member && !shards.contains_key(other) {
+                let tensors = SafetensorsFile::open(&path.join(other))
+                    .map(|f| f.tensors().map(|(t, _)| t.to_owned()).collect())
+                    .unwrap_or_default();
+                shards.insert(other.clone(), tensors);
             }
         }
-        if files.is_empty() {
-            return Err(invalid("\"weight_map\" is empty".into()));
-        }
+        check_index(&weight_map, &shards, &present).map_err(invalid)?;
+        let mut files: Vec<PathBuf> = names.iter().map(|n| path.join(n)).collect();
         files.sort();
         return Ok(files);
     }
     let single = path.join(SINGLE_FILE);
-    if single.is_file() {
-        return Ok(vec![single]);
+    match std::fs::metadata(&single) {
+        Ok(m) if m.is_file() => Ok(vec![single]),
+        Ok(m) => Err(Error::NotRegularFile {
+            path: single,
+            kind: crate::safetensors::file_kind(m.file_type()),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::NoCheckpoint {
+            path: path.to_owned(),
+        }),
+        Err(e) => Err(io_error(&single, e)),
     }
-    Err(Error::NoCheckpoint {
-        path: path.to_owned(),
-    })
+}
+
+/// The `weight_map` of a shard index, as `(tensor, shard file name)` pairs in file order, or
+/// why the text is not a valid index: not JSON (nesting is bounded), no `weight_map` object,
+/// a file name that is not a string or not a plain name in the folder, a tensor listed twice,
+/// an empty map.
+pub fn parse_index(text: &str) -> std::result::Result<Vec<(String, String)>, String> {
+    let (root, duplicate) = crate::safetensors::parse_json_with_duplicate(text)
+        .map_err(|e| format!("not valid JSON: {e}"))?;
+    let Some(Value::Object(weight_map)) = root.get("weight_map") else {
+        return Err("missing the \"weight_map\" object".into());
+    };
+    if let Some((Some(under), key)) = duplicate {
+        if under == "weight_map" {
+            return Err(format!("tensor {key:?} is listed more than once"));
+        }
+    }
+    let mut out = Vec::with_capacity(weight_map.len());
+    for (tensor, file) in weight_map {
+        let Value::String(file) = file else {
+            return Err(format!("tensor {tensor:?}: file name is not a string"));
+        };
+        // A shard must be a plain file name in the folder: no way out of it.
+        if file.is_empty()
+            || file.contains('/')
+            || file.contains('\\')
+            || file.contains('\0')
+            || file.starts_with('.')
+        {
+            return Err(format!("tensor {tensor:?}: bad shard name {file:?}"));
+        }
+        out.push((tensor.clone(), file.clone()));
+    }
+    if out.is_empty() {
+        return Err("\"weight_map\" is empty".into());
+    }
+    Ok(out)
+}
+
+/// `name` as a member of a numbered shard series: `("model", 2, 3)` for
+/// `model-00002-of-00003.safetensors`, with the digit widths as written.
+fn shard_series(name: &str) -> Option<(&str, usize, usize, usize, usize)> {
+    let stem = name.strip_suffix(".safetensors")?;
+    let (rest, total) = stem.rsplit_once("-of-")?;
+    let (prefix, k) = rest.rsplit_once('-')?;
+    let digits = |s: &str| !s.is_empty() && s.len() <= 9 && s.bytes().all(|b| b.is_ascii_digit());
+    if prefix.is_empty() || !digits(k) || !digits(total) {
+        return None;
+    }
+    Some((
+        prefix,
+        k.parse().ok()?,
+        total.parse().ok()?,
+        k.len(),
+        total.len(),
+    ))
+}
+
+/// Whether a shard index and its shards agree; the reason when they do not.
+///
+/// `weight_map` is [`parse_index`]'s result, `shards` the tensor names of every shard it lists
+/// (and of any other shard read), `present` the file names in the folder. Refused: a tensor listed in a shard that does not
+/// hold it (stored in another shard, or in none: a ghost), a tensor of a listed shard that the
+/// index omits, a tensor stored in two shards, and a numbered series of shards with a member
+/// missing from the folder or present but not listed (its tensors would be dropped).
+pub fn check_index(
+    weight_map: &[(String, String)],
+    shards: &BTreeMap<String, Vec<String>>,
+    present: &[String],
+) -> std::result::Result<(), String> {
+    let mut stored: HashMap<&str, &str> = HashMap::new();
+    for (shard, tensors) in shards {
+        for t in tensors {
+            if let Some(other) = stored.insert(t, shard) {
+                return Err(format!(
+                    "tensor {t:?} is stored in both {other:?} and {shard:?}"
+                ));
+            }
+        }
+    }
+    let listed_shards: std::collections::BTreeSet<&str> =
+        weight_map.iter().map(|(_, s)| s.as_str()).collect();
+    let mut listed: HashMap<&str, &str> = HashMap::with_capacity(weight_map.len());
+    for (tensor, shard) in weight_map {
+        if !shards.contains_key(shard) {
+            return Err(format!(
+                "shard {shard:?} (of tensor {tensor:?}) was not read"
+            ));
+        }
+        match stored.get(tensor.as_str()) {
+            Some(&s) if s == shard => {}
+            Some(&s) => {
+                return Err(format!(
+                    "tensor {tensor:?} is listed in {shard:?} but stored in {s:?}"
+                ))
+            }
+            None => {
+                return Err(format!(
+                    "tensor {tensor:?} is listed in {shard:?}, but no shard holds it"
+                ))
+            }
+        }
+        listed.insert(tensor, shard);
+    }
+    for (shard, tensors) in shards {
+        if !listed_shards.contains(shard.as_str()) {
+            continue;
+        }
+        if let Some(t) = tensors.iter().find(|t| !listed.contains_key(t.as_str())) {
+            let missing = tensors
+                .iter()
+                .filter(|t| !listed.contains_key(t.as_str()))
+                .count();
+            return Err(format!(
+                "tensor {t:?} of shard {shard:?} is not in the index ({missing} of its tensors are not)"
+            ));
+        }
+    }
+    // Numbered series: every member exists and is listed.
+    let mut series = BTreeMap::new();
+    for shard in &listed_shards {
+        if let Some((prefix, _, total, kw, tw)) = shard_series(shard) {
+            series.insert((prefix.to_owned(), total), (kw, tw));
+        }
+    }
+    for ((prefix, total), (kw, tw)) in &series {
+        if *total > 100_000 {
+            return Err(format!("shard series {prefix:?} claims {total} shards"));
+        }
+        for k in 1..=*total {
+            let name = format!("{prefix}-{k:0kw$}-of-{total:0tw$}.safetensors");
+            if listed_shards.contains(name.as_str()) {
+                continue;
+            }
+            return Err(if present.contains(&name) {
+                format!("shard {name:?} exists but the index lists none of its tensors (they would be dropped)")
+            } else {
+                format!("shard {name:?} of the {total}-shard series is missing")
+            });
+        }
+        // Members numbered outside 1..=total, or other spellings of the same series.
+        for other in present {
+            if let Some((p, k, t, _, _)) = shard_series(other) {
+                if p == prefix && t == *total && !listed_shards.contains(other.as_str()) {
+                    return Err(format!(
+                        "shard {other:?} (number {k} of {total}) exists but the index does not list it"
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// What happens to one input tensor.
@@ -307,10 +496,7 @@ impl Conversion {
         let mut tensors = Vec::new();
         for (i, path) in inputs.iter().enumerate() {
             let file = SafetensorsFile::open(path)?;
-            handles.push(File::open(path).map_err(|source| Error::Io {
-                path: path.clone(),
-                source,
-            })?);
+            handles.push(crate::safetensors::open_regular(path)?);
             for (name, info) in file.tensors() {
                 if let Some(first) = seen.insert(name.to_owned(), i) {
                     return Err(Error::DuplicateTensor {
@@ -1061,6 +1247,32 @@ mod tests {
         assert!(matches!(err, Some(Error::DuplicateTensor { .. })));
     }
 
+    /// Writes shard `name` holding one 4-byte U8 tensor per name in `tensors`.
+    fn shard(dir: &Path, name: &str, tensors: &[&str]) {
+        let data = [0u8; 4];
+        let entries: Vec<(&str, Dtype, &[usize], &[u8])> = tensors
+            .iter()
+            .map(|t| (*t, Dtype::U8, &[4usize][..], &data[..]))
+            .collect();
+        write_safetensors(&dir.join(name), &entries, None).unwrap();
+    }
+
+    fn index(dir: &Path, map: &[(&str, &str)]) {
+        let map: serde_json::Map<String, Value> = map
+            .iter()
+            .map(|(t, f)| ((*t).to_owned(), Value::String((*f).to_owned())))
+            .collect();
+        let text = serde_json::json!({"metadata": {}, "weight_map": map}).to_string();
+        std::fs::write(dir.join(INDEX_FILE), text).unwrap();
+    }
+
+    fn index_error(dir: &Path) -> String {
+        match resolve_inputs(dir) {
+            Err(Error::InvalidIndex { reason, .. }) => reason,
+            other => panic!("expected an invalid index, got {other:?}"),
+        }
+    }
+
     #[test]
     fn resolves_sharded_folder() {
         let dir = tempfile::tempdir().unwrap();
@@ -1068,14 +1280,16 @@ mod tests {
             resolve_inputs(dir.path()),
             Err(Error::NoCheckpoint { .. })
         ));
-        for name in ["s2.safetensors", "s1.safetensors"] {
-            write_safetensors(&dir.path().join(name), &[], None).unwrap();
-        }
-        std::fs::write(
-            dir.path().join(INDEX_FILE),
-            r#"{"weight_map": {"a": "s2.safetensors", "b": "s1.safetensors", "c": "s2.safetensors"}}"#,
-        )
-        .unwrap();
+        shard(dir.path(), "s2.safetensors", &["a", "c"]);
+        shard(dir.path(), "s1.safetensors", &["b"]);
+        index(
+            dir.path(),
+            &[
+                ("a", "s2.safetensors"),
+                ("b", "s1.safetensors"),
+                ("c", "s2.safetensors"),
+            ],
+        );
         let files = resolve_inputs(dir.path()).unwrap();
         assert_eq!(
             files,
@@ -1089,9 +1303,100 @@ mod tests {
             r#"{"weight_map": {"a": "../x"}}"#,
         )
         .unwrap();
+        assert!(index_error(dir.path()).contains("bad shard name"));
+    }
+
+    #[test]
+    fn index_and_shards_must_agree() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        shard(d, "model-00001-of-00002.safetensors", &["a", "b"]);
+        shard(d, "model-00002-of-00002.safetensors", &["c"]);
+        let one = "model-00001-of-00002.safetensors";
+        let two = "model-00002-of-00002.safetensors";
+        index(d, &[("a", one), ("b", one), ("c", two)]);
+        assert_eq!(resolve_inputs(d).unwrap().len(), 2);
+        // The index omits a shard that exists: its tensors would be dropped.
+        index(d, &[("a", one), ("b", one)]);
+        let reason = index_error(d);
+        assert!(
+            reason.contains(two) && reason.contains("exists"),
+            "{reason}"
+        );
+        // A tensor listed in the wrong shard.
+        index(d, &[("a", one), ("b", two), ("c", two)]);
+        let reason = index_error(d);
+        assert!(
+            reason.contains("\"b\" is listed in") && reason.contains("stored in"),
+            "{reason}"
+        );
+        // A ghost tensor that no shard holds.
+        index(d, &[("a", one), ("b", one), ("c", two), ("ghost", two)]);
+        assert!(index_error(d).contains("no shard holds it"));
+        // A tensor of a listed shard that the index omits.
+        index(d, &[("a", one), ("c", two)]);
+        assert!(index_error(d).contains("\"b\" of shard"));
+        // A listed shard that does not exist.
+        std::fs::remove_file(d.join(two)).unwrap();
+        index(d, &[("a", one), ("b", one), ("c", two)]);
+        assert!(index_error(d).contains("does not exist"));
+        // A series member neither listed nor present.
+        index(d, &[("a", one), ("b", one)]);
+        assert!(index_error(d).contains("is missing"));
+        // A tensor listed twice (JSON keeps the last silently).
+        std::fs::write(
+            d.join(INDEX_FILE),
+            format!(r#"{{"weight_map": {{"a": "{one}", "b": "{one}", "a": "{one}"}}}}"#),
+        )
+        .unwrap();
+        assert!(index_error(d).contains("more than once"));
+    }
+
+    #[test]
+    fn index_json_is_bounded() {
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert!(parse_index(&deep).unwrap_err().contains("not valid JSON"));
+        assert!(parse_index("[1, 2]").unwrap_err().contains("weight_map"));
+        assert!(parse_index(r#"{"weight_map": {"a": 3}}"#)
+            .unwrap_err()
+            .contains("not a string"));
+        assert!(parse_index(r#"{"weight_map": {}}"#)
+            .unwrap_err()
+            .contains("empty"));
+    }
+
+    #[test]
+    fn non_regular_inputs_are_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("model.safetensors");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // As the folder's checkpoint, as a path of its own, and when opened directly.
         assert!(matches!(
             resolve_inputs(dir.path()),
-            Err(Error::InvalidIndex { .. })
+            Err(Error::NotRegularFile { kind: "a FIFO", .. })
         ));
+        assert!(matches!(
+            resolve_inputs(&fifo),
+            Err(Error::NotRegularFile { kind: "a FIFO", .. })
+        ));
+        assert!(matches!(
+            SafetensorsFile::open(&fifo),
+            Err(Error::NotRegularFile { .. })
+        ));
+        assert!(matches!(
+            SafetensorsFile::open(dir.path()),
+            Err(Error::NotRegularFile {
+                kind: "a directory",
+                ..
+            })
+        ));
+        // A missing path reports the OS error, not "entity not found".
+        let err = resolve_inputs(&dir.path().join("nope")).unwrap_err();
+        assert!(
+            err.to_string().contains("No such file or directory"),
+            "{err}"
+        );
     }
 }

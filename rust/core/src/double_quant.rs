@@ -95,10 +95,12 @@ pub fn double_dequantize(
 }
 
 /// Storage cost of the 4-bit weight plus its block constants, in bits per parameter, for
-/// `n` parameters (exact, including partial blocks).
-pub fn bits_per_parameter(n: usize, blocksize: usize, double_quant: bool) -> f64 {
+/// `n` parameters (exact, including partial blocks). The blocksize is checked like every
+/// other entry point's ([`check_blocksize`]).
+pub fn bits_per_parameter(n: usize, blocksize: usize, double_quant: bool) -> Result<f64> {
+    check_blocksize(blocksize)?;
     if n == 0 {
-        return 0.0;
+        return Ok(0.0);
     }
     let blocks = num_blocks(n, blocksize);
     let constant_bits = if double_quant {
@@ -107,7 +109,7 @@ pub fn bits_per_parameter(n: usize, blocksize: usize, double_quant: bool) -> f64
     } else {
         32 * blocks
     };
-    (4.0 * n as f64 + constant_bits as f64) / n as f64
+    Ok((4.0 * n as f64 + constant_bits as f64) / n as f64)
 }
 
 #[cfg(test)]
@@ -122,8 +124,16 @@ mod tests {
         assert!((dq - 0.127f64).abs() < 0.0005);
         let n = 64 * 256 * 1000;
         // The one f32 offset per tensor adds 32 / n bits.
-        assert!((bits_per_parameter(n, 64, true) - 4.0 - dq - 32.0 / n as f64).abs() < 1e-9);
-        assert!((bits_per_parameter(n, 64, false) - 4.5).abs() < 1e-12);
+        let bits = |dq| bits_per_parameter(n, 64, dq).unwrap();
+        assert!((bits(true) - 4.0 - dq - 32.0 / n as f64).abs() < 1e-9);
+        assert!((bits(false) - 4.5).abs() < 1e-12);
+        // A blocksize of 0 (or any unsupported one) is an error, not a division by zero.
+        for blocksize in [0, 1, 48, 8192] {
+            assert!(matches!(
+                bits_per_parameter(n, blocksize, true),
+                Err(Error::InvalidBlocksize(b)) if b == blocksize
+            ));
+        }
     }
 
     #[test]

@@ -47,6 +47,29 @@ pub enum Error {
     #[error("unknown dtype {0:?}")]
     UnknownDtype(String),
 
+    /// GPTQ was given an argument it cannot use (damping, lazy block size, absmax search,
+    /// a Hessian with a non-finite entry, fixed absmax values).
+    #[error("GPTQ: {0}")]
+    InvalidGptqArgument(String),
+
+    /// GPTQ's damped Hessian is not positive definite: its Cholesky factorization met a pivot
+    /// that is not > 0 at `column` (of the layer input). More damping fixes it.
+    #[error("GPTQ: the damped Hessian is not positive definite (pivot {pivot:e} at input column {column}, damping {damp:e}); raise damp")]
+    NotPositiveDefinite {
+        column: usize,
+        pivot: f64,
+        damp: f64,
+    },
+
+    /// A fused-matmul SIMD level that is unknown or that this CPU cannot run.
+    #[error(
+        "SIMD level {requested:?} is unknown or not supported by this CPU; available: {available}"
+    )]
+    UnsupportedSimd {
+        requested: String,
+        available: String,
+    },
+
     #[error("{path}: {source}")]
     Safetensors {
         path: PathBuf,
@@ -99,6 +122,13 @@ pub enum Error {
 
     #[error("{path}: no model.safetensors or model.safetensors.index.json in this folder")]
     NoCheckpoint { path: PathBuf },
+
+    /// A FIFO, socket, device or other non-regular file given as input: refused before it is
+    /// opened for reading (opening a FIFO would block until a writer appears).
+    #[error(
+        "{path}: not a regular file ({kind}); nybble reads checkpoints from regular files only"
+    )]
+    NotRegularFile { path: PathBuf, kind: &'static str },
 
     #[error("{path}: {source}")]
     Io {

@@ -46,26 +46,33 @@ const DATA_ALIGN: usize = 8;
 /// [`SafetensorsWriter`] (reported as [`Error::WriterMisuse`]): one variant per defect.
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {
-    #[error("file is {len} bytes long, too short for the 8-byte header length")]
+    // The first seven variants are what any other kind of file (a README, a pickle, a
+    // tokenizer) runs into: their messages say so first, and never present arbitrary first
+    // bytes as if they were a header length.
+    #[error("not a safetensors file: {len} bytes long, too short for the 8-byte header length")]
     FileTooShort { len: usize },
 
-    #[error("header length {len} is too small to hold a JSON object")]
+    #[error("not a safetensors file: the 8-byte header length prefix reads {len}, too small for a JSON header")]
     HeaderTooSmall { len: u64 },
 
-    #[error("header length {len} exceeds the limit of {MAX_HEADER_LEN} bytes")]
+    #[error("not a safetensors file: its first 8 bytes are not a header length (read as one, they exceed the limit of {MAX_HEADER_LEN} bytes)")]
     HeaderTooLarge { len: u64 },
 
-    #[error("header length {len} runs past the end of the file ({available} bytes follow the length prefix)")]
+    #[error("not a safetensors file, or a truncated one: the header length prefix ({len} bytes) runs past the end of the file ({available} bytes follow it)")]
     HeaderOutOfBounds { len: u64, available: usize },
 
-    #[error("header is not valid UTF-8")]
+    #[error("not a safetensors file: header is not valid UTF-8")]
     HeaderNotUtf8(#[source] std::str::Utf8Error),
 
-    #[error("header is not valid JSON: {0}")]
+    #[error("not a safetensors file: header is not valid JSON: {0}")]
     InvalidJson(#[source] serde_json::Error),
 
-    #[error("header must be a JSON object, found {found}")]
+    #[error("not a safetensors file: header must be a JSON object, found {found}")]
     HeaderNotObject { found: &'static str },
+
+    /// The writer's counterpart of [`FormatError::HeaderTooLarge`].
+    #[error("the header to write is {len} bytes, above the limit of {MAX_HEADER_LEN} bytes")]
+    WriteHeaderTooLarge { len: u64 },
 
     #[error("invalid __metadata__: {reason}")]
     InvalidMetadata { reason: String },
@@ -178,6 +185,7 @@ impl FormatError {
             Self::FileTooShort { .. }
             | Self::HeaderTooSmall { .. }
             | Self::HeaderTooLarge { .. }
+            | Self::WriteHeaderTooLarge { .. }
             | Self::HeaderOutOfBounds { .. }
             | Self::HeaderNotUtf8(_)
             | Self::InvalidJson(_)
@@ -616,6 +624,12 @@ struct StrictValue<'a> {
 }
 
 fn parse_json_strict(text: &str) -> std::result::Result<(Value, Option<Duplicate>), FormatError> {
+    parse_json_noting_duplicate(text).map_err(FormatError::InvalidJson)
+}
+
+fn parse_json_noting_duplicate(
+    text: &str,
+) -> std::result::Result<(Value, Option<Duplicate>), serde_json::Error> {
     let duplicate = RefCell::new(None);
     let mut deserializer = serde_json::Deserializer::from_str(text);
     let value = StrictValue {
@@ -623,9 +637,23 @@ fn parse_json_strict(text: &str) -> std::result::Result<(Value, Option<Duplicate
         position: Position::Root,
     }
     .deserialize(&mut deserializer)
-    .and_then(|value| deserializer.end().map(|()| value))
-    .map_err(FormatError::InvalidJson)?;
+    .and_then(|value| deserializer.end().map(|()| value))?;
     Ok((value, duplicate.into_inner()))
+}
+
+/// A duplicated JSON key: the top-level key its object sits under (None for the top level
+/// itself), and the key.
+pub(crate) type DuplicateKey = (Option<String>, String);
+
+/// Parses JSON as the header parser does (nesting depth bounded, so hostile input cannot
+/// overflow the stack) and also returns the first duplicated key, as `(the top-level key its
+/// object sits under, or None for the top level itself; the key)`: plain JSON parsers keep the
+/// last of duplicated keys silently.
+pub(crate) fn parse_json_with_duplicate(
+    text: &str,
+) -> std::result::Result<(Value, Option<DuplicateKey>), serde_json::Error> {
+    let (value, duplicate) = parse_json_noting_duplicate(text)?;
+    Ok((value, duplicate.map(|d| (d.under, d.key))))
 }
 
 impl<'de> DeserializeSeed<'de> for StrictValue<'_> {
@@ -718,6 +746,84 @@ impl<'de> Visitor<'de> for StrictValue<'_> {
 // ---------------------------------------------------------------------------------------------
 // Reading
 
+/// What kind of non-regular file `t` is, for messages.
+pub fn file_kind(t: fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_file() {
+        "a regular file"
+    } else {
+        "a special file"
+    }
+}
+
+/// Opens `path` (symlinks followed) for reading if it is a regular file, and refuses anything
+/// else with [`Error::NotRegularFile`] before reading a byte: a FIFO would block forever (and
+/// ignore Ctrl-C), a device would stream endlessly. The type is checked on the path first, then
+/// again on the open handle (the path may have changed in between); the open itself uses
+/// `O_NONBLOCK`, so even a FIFO swapped in at that moment cannot block it. On a regular file the
+/// flag changes nothing.
+pub fn open_regular(path: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let io_error = |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let not_regular = |t: fs::FileType| Error::NotRegularFile {
+        path: path.to_owned(),
+        kind: file_kind(t),
+    };
+    let kind = fs::metadata(path).map_err(io_error)?.file_type();
+    if !kind.is_file() {
+        return Err(not_regular(kind));
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(io_error)?;
+    let kind = file.metadata().map_err(io_error)?.file_type();
+    if !kind.is_file() {
+        return Err(not_regular(kind));
+    }
+    Ok(file)
+}
+
+/// Reads a small regular file (an index or config JSON) of at most `limit` bytes as UTF-8.
+pub fn read_small_text(path: &Path, limit: u64) -> Result<String> {
+    use std::io::Read;
+    let io_error = |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let file = open_regular(path)?;
+    let mut bytes = Vec::new();
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io_error)?;
+    if bytes.len() as u64 > limit {
+        return Err(io_error(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("larger than the {limit}-byte limit for this file"),
+        )));
+    }
+    String::from_utf8(bytes).map_err(|_| {
+        io_error(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not valid UTF-8",
+        ))
+    })
+}
+
 enum Storage {
     Mapped(memmap2::Mmap),
     Owned(Vec<u8>),
@@ -753,7 +859,7 @@ impl SafetensorsFile {
             path: path.to_owned(),
             source,
         };
-        let file = File::open(path).map_err(io_error)?;
+        let file = open_regular(path)?;
         // SAFETY: the map is read-only and private to this value; see the caveat above about
         // concurrent modification, which no Rust-side API can rule out for a shared file.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io_error)?;
@@ -903,7 +1009,7 @@ fn encode_header(
     json.resize(padded, b' ');
     let len = json.len() as u64;
     if len > MAX_HEADER_LEN {
-        return Err(FormatError::HeaderTooLarge { len });
+        return Err(FormatError::WriteHeaderTooLarge { len });
     }
     let mut out = Vec::with_capacity(LEN_PREFIX + json.len());
     out.extend_from_slice(&len.to_le_bytes());

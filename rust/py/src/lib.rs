@@ -8,7 +8,6 @@
 // Tuples of numpy arrays are the natural return type of these bindings.
 #![allow(clippy::type_complexity)]
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -36,6 +35,7 @@ use nybble_core::{blockwise, convert, double_quant, int8, stats, Error};
 // one definition gives both sides the same documented attributes, defaults and constructor.
 static NON_FINITE_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static CORRUPT_FILE_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static INTERNAL_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 
 fn error_class<'py>(
     py: Python<'py>,
@@ -109,6 +109,22 @@ fn exception<'py>(py: Python<'py>, e: &Error, message: &str) -> PyResult<Bound<'
             (value_error(), attrs![py; "quant_type" => quant_type])
         }
         Error::UnknownDtype(dtype) => (value_error(), attrs![py; "dtype" => dtype]),
+        Error::InvalidGptqArgument(reason) => (value_error(), attrs![py; "reason" => reason]),
+        Error::NotPositiveDefinite {
+            column,
+            pivot,
+            damp,
+        } => (
+            value_error(),
+            attrs![py; "column" => column, "pivot" => pivot, "damp" => damp],
+        ),
+        Error::UnsupportedSimd {
+            requested,
+            available,
+        } => (
+            value_error(),
+            attrs![py; "requested" => requested, "available" => available],
+        ),
         Error::Safetensors { path, source } => (
             error_class(py, &CORRUPT_FILE_ERROR, "CorruptFileError")?,
             attrs![py; "path" => path, "tensor" => source.tensor(), "reason" => source.to_string()],
@@ -161,6 +177,11 @@ fn exception<'py>(py: Python<'py>, e: &Error, message: &str) -> PyResult<Bound<'
             py.get_type::<PyFileNotFoundError>(),
             attrs![py; "path" => path],
         ),
+        // Not a checkpoint file either: refused before any read, so it cannot hang.
+        Error::NotRegularFile { path, kind } => (
+            error_class(py, &CORRUPT_FILE_ERROR, "CorruptFileError")?,
+            attrs![py; "path" => path, "reason" => format!("not a regular file ({kind})")],
+        ),
         Error::Io { path, source } => return io_exception(py, path, source, message),
     };
     let exc = class.call1((message,))?;
@@ -205,16 +226,47 @@ fn io_exception<'py>(
 
 /// 0 means "rayon's default" (one thread per core).
 static DEFAULT_THREADS: AtomicUsize = AtomicUsize::new(0);
-static POOLS: OnceLock<Mutex<HashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
+/// The pools built so far, most recently used last.
+static POOLS: OnceLock<Mutex<Vec<(usize, Arc<rayon::ThreadPool>)>>> = OnceLock::new();
+/// At most this many pools are kept; the least recently used one beyond it is dropped (its
+/// threads exit once no call is using it).
+const MAX_POOLS: usize = 4;
+/// A request is capped at this many threads per core: more cannot run at once, and a
+/// `threads=3000` must not start 3000 OS threads.
+const MAX_THREADS_PER_CORE: usize = 4;
 
-fn pool(threads: Option<usize>) -> PyResult<Arc<rayon::ThreadPool>> {
+fn cores() -> usize {
+    // Cached: on Linux `available_parallelism` reads the cgroup quota files on every call
+    // (~50-90 us on the dev VM), which every binding call would pay.
+    static CORES: OnceLock<usize> = OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// The thread count a request (`None`: the default, 0: one per core) actually gets: at most
+/// `MAX_THREADS_PER_CORE` x the available parallelism.
+fn effective_threads(threads: Option<usize>) -> usize {
     let n = match threads.unwrap_or_else(|| DEFAULT_THREADS.load(Ordering::Relaxed)) {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        0 => cores(),
         n => n,
     };
-    let mut pools = POOLS.get_or_init(Default::default).lock().unwrap();
-    if let Some(p) = pools.get(&n) {
-        return Ok(p.clone());
+    n.min(MAX_THREADS_PER_CORE * cores())
+}
+
+/// The pool for `threads`, cached: requests that cap to the same count share one pool, and at
+/// most `MAX_POOLS` pools (so at most `MAX_POOLS * MAX_THREADS_PER_CORE` threads per core)
+/// stay alive, whatever sequence of counts is asked for.
+fn pool(threads: Option<usize>) -> PyResult<Arc<rayon::ThreadPool>> {
+    let n = effective_threads(threads);
+    // A panic while holding the lock cannot leave the list inconsistent: take it anyway.
+    let mut pools = POOLS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(i) = pools.iter().position(|(k, _)| *k == n) {
+        let entry = pools.remove(i);
+        let p = entry.1.clone();
+        pools.push(entry);
+        return Ok(p);
     }
     let p = rayon::ThreadPoolBuilder::new()
         .num_threads(n)
@@ -222,8 +274,30 @@ fn pool(threads: Option<usize>) -> PyResult<Arc<rayon::ThreadPool>> {
         .build()
         .map_err(|e| PyValueError::new_err(format!("cannot start {n} threads: {e}")))?;
     let p = Arc::new(p);
-    pools.insert(n, p.clone());
+    if pools.len() >= MAX_POOLS {
+        pools.remove(0);
+    }
+    pools.push((n, p.clone()));
     Ok(p)
+}
+
+/// A Rust panic caught at the boundary, as `nybble.errors.InternalError`: a bug, reported as
+/// an exception the caller can catch (`except Exception`), never an abort.
+fn panic_to_py_err(payload: Box<dyn std::any::Any + Send>) -> PyErr {
+    let what = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_owned());
+    Python::attach(|py| {
+        let message = format!("internal error in nybble._core (please report it): {what}");
+        match error_class(py, &INTERNAL_ERROR, "InternalError")
+            .and_then(|c| c.call1((message.clone(),)))
+        {
+            Ok(exc) => PyErr::from_value(exc),
+            Err(_) => pyo3::exceptions::PyRuntimeError::new_err(message),
+        }
+    })
 }
 
 /// Runs `f` with the GIL released on the pool for `threads`.
@@ -233,7 +307,20 @@ fn run<R: Send>(
     f: impl FnOnce() -> nybble_core::Result<R> + Send,
 ) -> PyResult<R> {
     let p = pool(threads)?;
-    py.detach(|| p.install(f)).map_err(to_py_err)
+    // A panic in the core (a bug: every input is validated first) becomes an exception.
+    py.detach(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| p.install(f))))
+        .map_err(panic_to_py_err)?
+        .map_err(to_py_err)
+}
+
+/// Panics inside the worker pool, for the test of the panic guard: the panic must reach
+/// Python as `nybble.errors.InternalError`, never abort the interpreter.
+#[pyfunction]
+fn _test_panic(py: Python<'_>, message: &str) -> PyResult<()> {
+    let message = message.to_owned();
+    run(py, Some(1), move || -> nybble_core::Result<()> {
+        panic!("{message}")
+    })
 }
 
 /// Sets the default number of worker threads (0: one per core).
@@ -242,22 +329,89 @@ fn set_num_threads(n: usize) {
     DEFAULT_THREADS.store(n, Ordering::Relaxed);
 }
 
-/// The default number of worker threads used when a call passes none.
+/// The default number of worker threads used when a call passes none (after the cap of
+/// 4 threads per core).
 #[pyfunction]
 fn get_num_threads() -> usize {
-    match DEFAULT_THREADS.load(Ordering::Relaxed) {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    }
+    effective_threads(None)
+}
+
+/// The most threads any call gets: 4 x the available parallelism.
+#[pyfunction]
+fn max_threads() -> usize {
+    effective_threads(Some(usize::MAX))
 }
 
 // ---------------------------------------------------------------- float arrays
+
+// Arrays are borrowed with rust-numpy's `try_readonly` / `try_readwrite`, never with its
+// `FromPyObject` impls (`PyReadonlyArray1` / `PyReadwriteArray1` as argument types), which
+// panic when the borrow fails: the same array passed twice, once to be written (or two views
+// of one buffer), or a read-only array to be written. A failed borrow is a ValueError.
+
+fn borrow_error(e: numpy::BorrowError) -> PyErr {
+    match e {
+        numpy::BorrowError::NotWriteable => PyValueError::new_err(
+            "an array to be written in place is read-only (its writeable flag is off)",
+        ),
+        _ => PyValueError::new_err(
+            "the same array (or views of one buffer) was passed for two arguments, \
+             one of them written in place",
+        ),
+    }
+}
+
+/// A read-only 1-D array argument, borrowed without panicking.
+struct In<'py, T: numpy::Element>(PyReadonlyArray1<'py, T>);
+
+/// A 1-D array argument written in place, borrowed without panicking.
+struct InOut<'py, T: numpy::Element>(numpy::PyReadwriteArray1<'py, T>);
+
+impl<'a, 'py, T: numpy::Element + 'a> FromPyObject<'a, 'py> for In<'py, T> {
+    type Error = PyErr;
+
+    fn extract(obj: pyo3::Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        let array = obj.cast::<PyArray1<T>>()?;
+        array.try_readonly().map(In).map_err(borrow_error)
+    }
+}
+
+impl<'a, 'py, T: numpy::Element + 'a> FromPyObject<'a, 'py> for InOut<'py, T> {
+    type Error = PyErr;
+
+    fn extract(obj: pyo3::Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        let array = obj.cast::<PyArray1<T>>()?;
+        array.try_readwrite().map(InOut).map_err(borrow_error)
+    }
+}
+
+impl<'py, T: numpy::Element> std::ops::Deref for In<'py, T> {
+    type Target = PyReadonlyArray1<'py, T>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl<'py, T: numpy::Element> std::ops::Deref for InOut<'py, T> {
+    type Target = numpy::PyReadwriteArray1<'py, T>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl<T: numpy::Element> std::ops::DerefMut for InOut<'_, T> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
 
 /// Defines a 1-D contiguous float-array argument and its parser: float32, or the uint16 bit
 /// patterns of float16 / bfloat16 named by a dtype string. Read-only and writable arrays are
 /// different borrow types in rust-numpy, so one definition serves both.
 macro_rules! float_array_arg {
-    ($(#[$doc:meta])* $name:ident, $parse:ident, $array:ident, $needs:literal, $what:literal) => {
+    ($(#[$doc:meta])* $name:ident, $parse:ident, $array:ident, $wrap:ident, $needs:literal, $what:literal) => {
         $(#[$doc])*
         enum $name<'py> {
             F32(numpy::$array<'py, f32>),
@@ -267,16 +421,22 @@ macro_rules! float_array_arg {
         fn $parse<'py>(x: &Bound<'py, PyAny>, dtype: &str) -> PyResult<$name<'py>> {
             let dt = FloatDtype::parse(dtype).map_err(to_py_err)?;
             let arr = match dt {
-                FloatDtype::F32 => $name::F32(x.extract().map_err(|_| {
+                FloatDtype::F32 => $name::F32(x.extract::<$wrap<'py, f32>>().map_err(|e| {
+                    if e.is_instance_of::<PyValueError>(x.py()) {
+                        return e;
+                    }
                     PyValueError::new_err(concat!("dtype float32 needs a ", $needs, " float32 numpy array"))
-                })?),
+                })?.0),
                 _ => $name::Bits16(
-                    x.extract().map_err(|_| {
+                    x.extract::<$wrap<'py, u16>>().map_err(|e| {
+                        if e.is_instance_of::<PyValueError>(x.py()) {
+                            return e;
+                        }
                         PyValueError::new_err(format!(
                             concat!("dtype {} needs a ", $needs, " uint16 numpy array of its bit patterns"),
                             dtype
                         ))
-                    })?,
+                    })?.0,
                     dt,
                 ),
             };
@@ -294,11 +454,11 @@ macro_rules! float_array_arg {
 
 float_array_arg!(
     /// A float input, read only.
-    FloatIn, float_in, PyReadonlyArray1, "1-D", "input array"
+    FloatIn, float_in, PyReadonlyArray1, In, "1-D", "input array"
 );
 float_array_arg!(
     /// A float array written in place.
-    FloatInOut, float_in_out, PyReadwriteArray1, "writable 1-D", "array written in place"
+    FloatInOut, float_in_out, PyReadwriteArray1, InOut, "writable 1-D", "array written in place"
 );
 
 fn u16_as<T>(s: &[u16]) -> &[T] {
@@ -342,7 +502,7 @@ fn float_out<'py>(
     let dt = FloatDtype::parse(dtype).map_err(to_py_err)?;
     match dt {
         FloatDtype::F32 => {
-            let out = PyArray1::<f32>::zeros(py, n, false);
+            let out = zeros::<f32>(py, n)?;
             {
                 let mut rw = out.readwrite();
                 let s = rw.as_slice_mut()?;
@@ -351,7 +511,7 @@ fn float_out<'py>(
             Ok(out.into_any())
         }
         _ => {
-            let out = PyArray1::<u16>::zeros(py, n, false);
+            let out = zeros::<u16>(py, n)?;
             {
                 let mut rw = out.readwrite();
                 let s = rw.as_slice_mut()?;
@@ -394,6 +554,15 @@ fn contiguous<'py, T: numpy::Element>(a: &PyReadonlyArray1<'py, T>, what: &str) 
     }
 }
 
+/// A zeroed 1-D array of `n` elements allocated through numpy, so that a failed allocation is
+/// a MemoryError (rust-numpy's `PyArray1::zeros` panics instead). Callers validate `n` against
+/// their input buffers first; this is the last line for sizes that are valid but too large.
+fn zeros<'py, T: numpy::Element>(py: Python<'py>, n: usize) -> PyResult<Bound<'py, PyArray1<T>>> {
+    let np = py.import("numpy")?;
+    let out = np.getattr("zeros")?.call1((n, numpy::dtype::<T>(py)))?;
+    Ok(out.cast_into::<PyArray1<T>>()?)
+}
+
 fn vec_out<'py, T: numpy::Element>(py: Python<'py>, v: Vec<T>) -> Bound<'py, PyArray1<T>> {
     PyArray1::from_vec(py, v)
 }
@@ -418,8 +587,8 @@ fn quantize_4bit<'py>(
         FloatIn::F32(a) => a.len(),
         FloatIn::Bits16(a, _) => a.len(),
     };
-    let packed = PyArray1::<u8>::zeros(py, blockwise::packed_len(n), false);
-    let absmax = PyArray1::<f32>::zeros(py, nybble_core::error::num_blocks(n, blocksize), false);
+    let packed = zeros::<u8>(py, blockwise::packed_len(n))?;
+    let absmax = zeros::<f32>(py, nybble_core::error::num_blocks(n, blocksize))?;
     {
         let mut p = packed.readwrite();
         let mut a = absmax.readwrite();
@@ -437,8 +606,8 @@ fn quantize_4bit<'py>(
 #[allow(clippy::too_many_arguments)]
 fn dequantize_4bit<'py>(
     py: Python<'py>,
-    packed: PyReadonlyArray1<'py, u8>,
-    absmax: PyReadonlyArray1<'py, f32>,
+    packed: In<'py, u8>,
+    absmax: In<'py, f32>,
     n: usize,
     blocksize: usize,
     quant_type: &str,
@@ -449,6 +618,9 @@ fn dequantize_4bit<'py>(
     contiguous(&packed, "packed")?;
     contiguous(&absmax, "absmax")?;
     let (p, a) = (packed.as_slice()?, absmax.as_slice()?);
+    // Sizes against the buffers before the output is allocated: `n` comes from a quant_state
+    // (a file), and n=10**12 on a 4-byte input must be an error, not a 4 TB allocation.
+    blockwise::check_4bit_sizes(n, blocksize, p.len(), a.len()).map_err(to_py_err)?;
     float_out(py, n, out_dtype, threads, |out| {
         with_out!(out, |o| blockwise::dequantize_4bit_into(
             p, a, blocksize, qt, o
@@ -464,8 +636,8 @@ fn dequantize_4bit<'py>(
 #[allow(clippy::too_many_arguments)]
 fn dequantize_4bit_into<'py>(
     py: Python<'py>,
-    packed: PyReadonlyArray1<'py, u8>,
-    absmax: PyReadonlyArray1<'py, f32>,
+    packed: In<'py, u8>,
+    absmax: In<'py, f32>,
     blocksize: usize,
     quant_type: &str,
     out: &Bound<'py, PyAny>,
@@ -509,7 +681,7 @@ fn quantize_blockwise<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
     dtype: &str,
-    code: PyReadonlyArray1<'py, f32>,
+    code: In<'py, f32>,
     blocksize: usize,
     threads: Option<usize>,
 ) -> PyResult<(Bound<'py, PyArray1<u8>>, Bound<'py, PyArray1<f32>>)> {
@@ -527,9 +699,9 @@ fn quantize_blockwise<'py>(
 #[pyo3(signature = (codes, absmax, code, blocksize, out_dtype, threads=None))]
 fn dequantize_blockwise<'py>(
     py: Python<'py>,
-    codes: PyReadonlyArray1<'py, u8>,
-    absmax: PyReadonlyArray1<'py, f32>,
-    code: PyReadonlyArray1<'py, f32>,
+    codes: In<'py, u8>,
+    absmax: In<'py, f32>,
+    code: In<'py, f32>,
     blocksize: usize,
     out_dtype: &str,
     threads: Option<usize>,
@@ -552,8 +724,8 @@ fn dequantize_blockwise<'py>(
 #[pyo3(signature = (absmax, code, nested_blocksize=256, threads=None))]
 fn double_quantize<'py>(
     py: Python<'py>,
-    absmax: PyReadonlyArray1<'py, f32>,
-    code: PyReadonlyArray1<'py, f32>,
+    absmax: In<'py, f32>,
+    code: In<'py, f32>,
     nested_blocksize: usize,
     threads: Option<usize>,
 ) -> PyResult<(Bound<'py, PyArray1<u8>>, Bound<'py, PyArray1<f32>>, f32)> {
@@ -575,10 +747,10 @@ fn double_quantize<'py>(
 #[pyo3(signature = (codes, nested_absmax, offset, code, nested_blocksize=256, threads=None))]
 fn double_dequantize<'py>(
     py: Python<'py>,
-    codes: PyReadonlyArray1<'py, u8>,
-    nested_absmax: PyReadonlyArray1<'py, f32>,
+    codes: In<'py, u8>,
+    nested_absmax: In<'py, f32>,
     offset: f32,
-    code: PyReadonlyArray1<'py, f32>,
+    code: In<'py, f32>,
     nested_blocksize: usize,
     threads: Option<usize>,
 ) -> PyResult<Bound<'py, PyArray1<f32>>> {
@@ -598,8 +770,8 @@ fn double_dequantize<'py>(
 
 /// Bits per parameter of a 4-bit tensor of `n` elements with its block constants.
 #[pyfunction]
-fn bits_per_parameter(n: usize, blocksize: usize, double_quant: bool) -> f64 {
-    double_quant::bits_per_parameter(n, blocksize, double_quant)
+fn bits_per_parameter(n: usize, blocksize: usize, double_quant: bool) -> PyResult<f64> {
+    double_quant::bits_per_parameter(n, blocksize, double_quant).map_err(to_py_err)
 }
 
 // ---------------------------------------------------------------- int8
@@ -636,8 +808,8 @@ fn int8_quantize_absmax<'py>(
 #[pyo3(signature = (q, absmax, rows, cols, granularity_name, threads=None))]
 fn int8_dequantize_absmax<'py>(
     py: Python<'py>,
-    q: PyReadonlyArray1<'py, i8>,
-    absmax: PyReadonlyArray1<'py, f32>,
+    q: In<'py, i8>,
+    absmax: In<'py, f32>,
     rows: usize,
     cols: usize,
     granularity_name: &str,
@@ -687,9 +859,9 @@ fn int8_quantize_zeropoint<'py>(
 #[allow(clippy::too_many_arguments)]
 fn int8_dequantize_zeropoint<'py>(
     py: Python<'py>,
-    q: PyReadonlyArray1<'py, i8>,
-    scale: PyReadonlyArray1<'py, f32>,
-    zero_point: PyReadonlyArray1<'py, f32>,
+    q: In<'py, i8>,
+    scale: In<'py, f32>,
+    zero_point: In<'py, f32>,
     rows: usize,
     cols: usize,
     granularity_name: &str,
@@ -1008,7 +1180,7 @@ impl Converter {
 fn write_safetensors_file(
     py: Python<'_>,
     path: std::path::PathBuf,
-    tensors: Vec<(String, String, Vec<usize>, PyReadonlyArray1<'_, u8>)>,
+    tensors: Vec<(String, String, Vec<usize>, In<'_, u8>)>,
     metadata: Option<std::collections::BTreeMap<String, String>>,
 ) -> PyResult<()> {
     let mut entries = Vec::with_capacity(tensors.len());
@@ -1081,8 +1253,8 @@ fn adamw_step_32bit<'py>(
     param: &Bound<'py, PyAny>,
     grad: &Bound<'py, PyAny>,
     dtype: &str,
-    mut exp_avg: numpy::PyReadwriteArray1<'py, f32>,
-    mut exp_avg_sq: numpy::PyReadwriteArray1<'py, f32>,
+    mut exp_avg: InOut<'py, f32>,
+    mut exp_avg_sq: InOut<'py, f32>,
     step: u64,
     lr: f32,
     beta1: f32,
@@ -1112,12 +1284,12 @@ fn adamw_step_8bit<'py>(
     param: &Bound<'py, PyAny>,
     grad: &Bound<'py, PyAny>,
     dtype: &str,
-    mut state1: numpy::PyReadwriteArray1<'py, u8>,
-    mut state2: numpy::PyReadwriteArray1<'py, u8>,
-    mut absmax1: numpy::PyReadwriteArray1<'py, f32>,
-    mut absmax2: numpy::PyReadwriteArray1<'py, f32>,
-    code1: PyReadonlyArray1<'py, f32>,
-    code2: PyReadonlyArray1<'py, f32>,
+    mut state1: InOut<'py, u8>,
+    mut state2: InOut<'py, u8>,
+    mut absmax1: InOut<'py, f32>,
+    mut absmax2: InOut<'py, f32>,
+    code1: In<'py, f32>,
+    code2: In<'py, f32>,
     blocksize: usize,
     step: u64,
     lr: f32,
@@ -1146,6 +1318,290 @@ fn adamw_step_8bit<'py>(
     }))
 }
 
+// ---------------------------------------------------------------- fused CPU matmuls
+
+/// The SIMD level a fused matmul runs: `simd` if given, else `NYBBLE_SIMD` (read at each
+/// call), else the best this CPU has. An unknown or unavailable level is a ValueError.
+fn fused_simd_level(simd: Option<&str>) -> PyResult<nybble_core::simd::SimdLevel> {
+    let name = match simd {
+        Some(s) => s.to_owned(),
+        None => std::env::var("NYBBLE_SIMD").unwrap_or_default(),
+    };
+    nybble_core::simd::SimdLevel::parse(&name).map_err(to_py_err)
+}
+
+/// `GOMP_parallel` of an OpenMP runtime already loaded in the process (torch's libgomp):
+/// when set, the fused matmuls run on that runtime's thread team, the threads torch's own ops
+/// use (they spin between ops, so a second pool would fight them for the cores).
+static GOMP_PARALLEL: std::sync::atomic::AtomicPtr<std::ffi::c_void> =
+    std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
+
+type GompParallel = unsafe extern "C" fn(
+    unsafe extern "C" fn(*mut std::ffi::c_void),
+    *mut std::ffi::c_void,
+    std::ffi::c_uint,
+    std::ffi::c_uint,
+);
+
+/// The address of `GOMP_parallel` in an already loaded `libgomp.so.1` (never loads one).
+#[cfg(target_os = "linux")]
+fn find_gomp_parallel() -> *mut std::ffi::c_void {
+    extern "C" {
+        fn dlopen(
+            filename: *const std::ffi::c_char,
+            flags: std::ffi::c_int,
+        ) -> *mut std::ffi::c_void;
+        fn dlsym(
+            handle: *mut std::ffi::c_void,
+            symbol: *const std::ffi::c_char,
+        ) -> *mut std::ffi::c_void;
+    }
+    const RTLD_LAZY: std::ffi::c_int = 0x1;
+    const RTLD_NOLOAD: std::ffi::c_int = 0x4;
+    // SAFETY: plain C calls with NUL-terminated strings; RTLD_NOLOAD only returns a handle to
+    // a library that is already loaded (whose constructors have run).
+    unsafe {
+        let handle = dlopen(c"libgomp.so.1".as_ptr(), RTLD_LAZY | RTLD_NOLOAD);
+        if handle.is_null() {
+            return std::ptr::null_mut();
+        }
+        dlsym(handle, c"GOMP_parallel".as_ptr())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn find_gomp_parallel() -> *mut std::ffi::c_void {
+    std::ptr::null_mut()
+}
+
+/// An OpenMP thread team as a fork-join [`nybble_core::parallel::Team`].
+struct GompTeam {
+    parallel: GompParallel,
+    threads: usize,
+}
+
+impl nybble_core::parallel::Team for GompTeam {
+    fn size(&self) -> usize {
+        self.threads
+    }
+
+    fn run(&self, f: &(dyn Fn() + Sync)) {
+        unsafe extern "C" fn member(data: *mut std::ffi::c_void) {
+            // SAFETY: `data` points at the `&dyn Fn` below, alive until GOMP_parallel returns.
+            let f = unsafe { *(data as *const &(dyn Fn() + Sync)) };
+            // Never unwind into C (the tasks catch their own panics already).
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        }
+        let mut fref: &(dyn Fn() + Sync) = f;
+        let threads = std::ffi::c_uint::try_from(self.threads).unwrap_or(1);
+        // SAFETY: GOMP_parallel(fn, data, num_threads, flags) calls `member(data)` on each of
+        // the team's threads and returns once all have returned.
+        unsafe {
+            (self.parallel)(
+                member,
+                (&mut fref as *mut &(dyn Fn() + Sync)).cast(),
+                threads,
+                0,
+            )
+        }
+    }
+}
+
+/// Selects the threads of the fused matmuls: "openmp" (the OpenMP runtime already loaded in
+/// the process, i.e. torch's; falls back to "rayon" when there is none) or "rayon" (nybble's
+/// own pools). Returns the backend now in use.
+#[pyfunction]
+fn set_parallel_backend(name: &str) -> PyResult<&'static str> {
+    let ptr = match name {
+        "openmp" => find_gomp_parallel(),
+        "rayon" => std::ptr::null_mut(),
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "unknown parallel backend {other:?}: expected \"openmp\" or \"rayon\""
+            )))
+        }
+    };
+    GOMP_PARALLEL.store(ptr, Ordering::Relaxed);
+    Ok(parallel_backend())
+}
+
+/// The threads the fused matmuls run on: "openmp" or "rayon".
+#[pyfunction]
+fn parallel_backend() -> &'static str {
+    if GOMP_PARALLEL.load(Ordering::Relaxed).is_null() {
+        "rayon"
+    } else {
+        "openmp"
+    }
+}
+
+/// Runs a fused matmul with the GIL released on the calling thread plus `threads` - 1 others:
+/// the OpenMP team when one is selected, else the workers of the rayon pool for `threads`,
+/// which join as they wake (no hand-off to a sleeping pool thread; see
+/// `nybble_core::parallel`). A panic becomes InternalError as in `run`.
+fn run_fused<R: Send>(
+    py: Python<'_>,
+    threads: Option<usize>,
+    f: impl FnOnce(nybble_core::parallel::Threads) -> nybble_core::Result<R> + Send,
+) -> PyResult<R> {
+    let gomp = GOMP_PARALLEL.load(Ordering::Relaxed);
+    let result = if gomp.is_null() {
+        let p = pool(threads)?;
+        py.detach(|| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                f(nybble_core::parallel::Threads::Pool(&p))
+            }))
+        })
+    } else {
+        // SAFETY: the address of GOMP_parallel, whose C signature GompParallel matches.
+        let parallel = unsafe { std::mem::transmute::<*mut std::ffi::c_void, GompParallel>(gomp) };
+        let team = GompTeam {
+            parallel,
+            threads: effective_threads(threads),
+        };
+        py.detach(|| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                f(nybble_core::parallel::Threads::Team(&team))
+            }))
+        })
+    };
+    result.map_err(panic_to_py_err)?.map_err(to_py_err)
+}
+
+/// The SIMD levels of the fused matmuls this CPU runs, lowest first ("portable" first).
+#[pyfunction]
+fn simd_levels() -> Vec<&'static str> {
+    nybble_core::simd::SimdLevel::available()
+        .into_iter()
+        .map(|l| l.name())
+        .collect()
+}
+
+/// The SIMD level a fused matmul would run with `simd` (None: `NYBBLE_SIMD`, else detected).
+#[pyfunction]
+#[pyo3(signature = (simd=None))]
+fn simd_level(simd: Option<&str>) -> PyResult<&'static str> {
+    Ok(fused_simd_level(simd)?.name())
+}
+
+/// Calls `$body` with `$x` (input slice) and `$o` (output slice) of one element type.
+macro_rules! with_x_out {
+    ($x:expr, $out:expr, |$xs:ident, $os:ident| $body:expr) => {
+        match (&$x, &mut $out) {
+            (FloatIn::F32(xa), FloatInOut::F32(oa)) => {
+                let $xs: &[f32] = xa.as_slice()?;
+                let $os: &mut [f32] = oa.as_slice_mut()?;
+                $body
+            }
+            (FloatIn::Bits16(xa, FloatDtype::F16), FloatInOut::Bits16(oa, FloatDtype::F16)) => {
+                let $xs: &[f16] = u16_as(xa.as_slice()?);
+                let $os: &mut [f16] = u16_as_mut(oa.as_slice_mut()?);
+                $body
+            }
+            (FloatIn::Bits16(xa, FloatDtype::BF16), FloatInOut::Bits16(oa, FloatDtype::BF16)) => {
+                let $xs: &[bf16] = u16_as(xa.as_slice()?);
+                let $os: &mut [bf16] = u16_as_mut(oa.as_slice_mut()?);
+                $body
+            }
+            _ => return Err(PyValueError::new_err("x and out must have the same dtype")),
+        }
+    };
+}
+
+/// Fused `out = x · Wᵀ (+ bias)` with a packed NF4 / FP4 W (`out_features × in_features`,
+/// bitsandbytes layout) and float32 `absmax`: codes decoded in registers, never a dense W.
+/// `x` is `rows × in_features` (flat, `dtype`), `out` a writable `rows × out_features` array of
+/// the same dtype; `bias` is float32 or None. Every length is checked before any work.
+#[pyfunction]
+#[pyo3(signature = (x, dtype, rows, packed, absmax, out_features, in_features, blocksize, quant_type, bias, out, simd=None, threads=None))]
+#[allow(clippy::too_many_arguments)]
+fn matmul_4bit<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    dtype: &str,
+    rows: usize,
+    packed: PyReadonlyArray1<'py, u8>,
+    absmax: PyReadonlyArray1<'py, f32>,
+    out_features: usize,
+    in_features: usize,
+    blocksize: usize,
+    quant_type: &str,
+    bias: Option<PyReadonlyArray1<'py, f32>>,
+    out: &Bound<'py, PyAny>,
+    simd: Option<&str>,
+    threads: Option<usize>,
+) -> PyResult<()> {
+    let qt = QuantType4::parse(quant_type).map_err(to_py_err)?;
+    let level = fused_simd_level(simd)?;
+    contiguous(&packed, "packed")?;
+    contiguous(&absmax, "absmax")?;
+    if let Some(b) = &bias {
+        contiguous(b, "bias")?;
+    }
+    let x_arr = float_in(x, dtype)?;
+    let mut out_arr = float_in_out(out, dtype)?;
+    let w = nybble_core::matmul::Packed4Matrix {
+        packed: packed.as_slice()?,
+        absmax: absmax.as_slice()?,
+        out_features,
+        in_features,
+        blocksize,
+        quant_type: qt,
+    };
+    let b = match &bias {
+        Some(b) => Some(b.as_slice()?),
+        None => None,
+    };
+    with_x_out!(x_arr, out_arr, |xs, os| run_fused(py, threads, |t| {
+        nybble_core::matmul::matmul_4bit_on(t, xs, rows, &w, b, os, level)
+    }))
+}
+
+/// Fused LLM.int8() linear: `out = x · Wᵀ (+ bias)` with `q_w` int8 (`out_features ×
+/// in_features`, row-wise) and `scb` its float32 row absmax; x is quantized vector-wise with
+/// outlier columns `|x| >= threshold` (0: none) kept in float32, int8 dot products are exact,
+/// the epilogue is `int8_matmul_dequant`'s. Same array conventions as :func:`matmul_4bit`.
+#[pyfunction]
+#[pyo3(signature = (x, dtype, rows, q_w, scb, out_features, in_features, bias, threshold, out, simd=None, threads=None))]
+#[allow(clippy::too_many_arguments)]
+fn int8_linear<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    dtype: &str,
+    rows: usize,
+    q_w: PyReadonlyArray1<'py, i8>,
+    scb: PyReadonlyArray1<'py, f32>,
+    out_features: usize,
+    in_features: usize,
+    bias: Option<PyReadonlyArray1<'py, f32>>,
+    threshold: f32,
+    out: &Bound<'py, PyAny>,
+    simd: Option<&str>,
+    threads: Option<usize>,
+) -> PyResult<()> {
+    let level = fused_simd_level(simd)?;
+    contiguous(&q_w, "q_w")?;
+    contiguous(&scb, "scb")?;
+    if let Some(b) = &bias {
+        contiguous(b, "bias")?;
+    }
+    let x_arr = float_in(x, dtype)?;
+    let mut out_arr = float_in_out(out, dtype)?;
+    let w = nybble_core::int8_matmul::Int8Matrix {
+        q: q_w.as_slice()?,
+        scb: scb.as_slice()?,
+        out_features,
+        in_features,
+    };
+    let b = match &bias {
+        Some(b) => Some(b.as_slice()?),
+        None => None,
+    };
+    with_x_out!(x_arr, out_arr, |xs, os| run_fused(py, threads, |t| {
+        nybble_core::int8_matmul::int8_linear_on(t, xs, rows, &w, b, threshold, os, level)
+    }))
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -1159,8 +1615,14 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         "CorruptFileError",
         error_class(py, &CORRUPT_FILE_ERROR, "CorruptFileError")?,
     )?;
+    m.add(
+        "InternalError",
+        error_class(py, &INTERNAL_ERROR, "InternalError")?,
+    )?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(max_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(_test_panic, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize_4bit_into, m)?)?;
@@ -1184,7 +1646,136 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(is_default_quantizable, m)?)?;
     m.add_function(wrap_pyfunction!(write_safetensors_file, m)?)?;
     m.add_class::<Converter>()?;
+    m.add_class::<GptqHessian>()?;
     m.add_function(wrap_pyfunction!(adamw_step_32bit, m)?)?;
     m.add_function(wrap_pyfunction!(adamw_step_8bit, m)?)?;
+    m.add_function(wrap_pyfunction!(simd_levels, m)?)?;
+    m.add_function(wrap_pyfunction!(set_parallel_backend, m)?)?;
+    m.add_function(wrap_pyfunction!(parallel_backend, m)?)?;
+    m.add_function(wrap_pyfunction!(simd_level, m)?)?;
+    m.add_function(wrap_pyfunction!(matmul_4bit, m)?)?;
+    m.add_function(wrap_pyfunction!(int8_linear, m)?)?;
     Ok(())
+}
+
+// ---------------------------------------------------------------- GPTQ
+
+/// The damped inverse-Hessian factor of one layer input for GPTQ
+/// (`nybble_core::gptq::HessianFactor`): built once from `h` (k x k float64, flattened
+/// row-major, `2 XᵀX` over the calibration inputs), shared by every weight reading that input.
+#[pyclass(module = "nybble._core", name = "GptqHessian", frozen)]
+struct GptqHessian {
+    inner: nybble_core::gptq::HessianFactor,
+}
+
+#[pymethods]
+impl GptqHessian {
+    #[new]
+    #[pyo3(signature = (h, k, damp=0.01, act_order=false, threads=None))]
+    fn new(
+        py: Python<'_>,
+        h: PyReadonlyArray1<'_, f64>,
+        k: usize,
+        damp: f64,
+        act_order: bool,
+        threads: Option<usize>,
+    ) -> PyResult<Self> {
+        contiguous(&h, "h")?;
+        let hs = h.as_slice()?;
+        let inner = run(py, threads, || {
+            nybble_core::gptq::HessianFactor::new(hs, k, damp, act_order)
+        })?;
+        Ok(Self { inner })
+    }
+
+    /// Columns of the layer input (k).
+    #[getter]
+    fn cols(&self) -> usize {
+        self.inner.cols()
+    }
+
+    /// Absolute damping added to the diagonal (`damp * mean(diag H)`).
+    #[getter]
+    fn damp(&self) -> f64 {
+        self.inner.damp()
+    }
+
+    /// Columns with `H_ii == 0` (their weights quantize to zero).
+    #[getter]
+    fn dead_columns(&self) -> usize {
+        self.inner.dead_columns()
+    }
+
+    /// Processing order as int64: column `perm[t]` is rounded at step `t`.
+    fn perm<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<i64>> {
+        vec_out(py, self.inner.perm().iter().map(|&p| p as i64).collect())
+    }
+
+    /// `U` (k*k float64, row-major, processing order): the upper Cholesky factor of the
+    /// damped, permuted inverse Hessian.
+    fn upper<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<f64>> {
+        vec_out(py, self.inner.upper().to_vec())
+    }
+
+    /// GPTQ of `w` (rows x k float32, flattened row-major) into bitsandbytes' 4-bit layout.
+    /// Returns (packed uint8 ((n+1)//2,), absmax float32 (nblocks,), loss). `search_grid` 0
+    /// takes `max |w|` per block; > 0 searches that many shrink factors in [min_shrink, 1]
+    /// under `objective` ("sequential" or "diagonal"). `absmax` fixes every block's absmax.
+    #[pyo3(signature = (w, rows, blocksize=64, quant_type="nf4", lazy_block=128, search_grid=0,
+                        min_shrink=0.8, objective="sequential", absmax=None, threads=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn quantize<'py>(
+        &self,
+        py: Python<'py>,
+        w: PyReadonlyArray1<'py, f32>,
+        rows: usize,
+        blocksize: usize,
+        quant_type: &str,
+        lazy_block: usize,
+        search_grid: usize,
+        min_shrink: f64,
+        objective: &str,
+        absmax: Option<PyReadonlyArray1<'py, f32>>,
+        threads: Option<usize>,
+    ) -> PyResult<(Bound<'py, PyArray1<u8>>, Bound<'py, PyArray1<f32>>, f64)> {
+        use nybble_core::gptq::{AbsmaxRule, GptqOptions, SearchObjective};
+        let qt = QuantType4::parse(quant_type).map_err(to_py_err)?;
+        let objective = match objective {
+            "sequential" => SearchObjective::Sequential,
+            "diagonal" => SearchObjective::Diagonal,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "objective {other:?} is not \"sequential\" or \"diagonal\""
+                )))
+            }
+        };
+        let rule = if search_grid == 0 {
+            AbsmaxRule::Max
+        } else {
+            AbsmaxRule::Search {
+                grid: search_grid,
+                min_shrink,
+                objective,
+            }
+        };
+        let options = GptqOptions {
+            blocksize,
+            quant_type: qt,
+            lazy_block,
+            absmax: rule,
+        };
+        contiguous(&w, "w")?;
+        if let Some(a) = &absmax {
+            contiguous(a, "absmax")?;
+        }
+        let ws = w.as_slice()?;
+        let fixed = match &absmax {
+            Some(a) => Some(a.as_slice()?),
+            None => None,
+        };
+        let r = run(py, threads, || {
+            self.inner.quantize(ws, rows, &options, fixed)
+        })?;
+        Ok((vec_out(py, r.packed), vec_out(py, r.absmax), r.loss))
+    }
 }

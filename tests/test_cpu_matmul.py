@@ -1,0 +1,347 @@
+"""The fused CPU matmuls of the Rust core (issue 16): the packed 4-bit matmul and the LLM.int8()
+linear, on every SIMD level this machine has (each forced in turn, plus the portable one).
+
+The 4-bit kernel is held to dequantize-then-matmul in float64 within the float32-accumulation
+bound ``|err| <= c * K * eps32 * sum|x||w|`` (plus bf16 rounding of W where a kernel documents
+it, and the output's own rounding); the int8 kernel to the op composition it replaced, bit for
+bit (or within float32 rounding of the outlier sum when several outlier columns exist). Inputs
+are fresh random values each run (the seed is printed on failure).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import nybble  # noqa: E402
+from nybble import _core, kernels  # noqa: E402
+from nybble.kernels import _cpu, ops  # noqa: E402
+from nybble.kernels import reference as ref  # noqa: E402
+from nybble.nn import Linear4bit  # noqa: E402
+
+LEVELS = _core.simd_levels()
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+EPS32 = 2.0**-24
+#: Unit roundoff of each output dtype, and half its smallest subnormal (the absolute rounding
+#: error of outputs in the subnormal range: float16's starts at 6.1e-5).
+OUT_EPS = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+OUT_TINY = {torch.float32: 2.0**-150, torch.bfloat16: 2.0**-134, torch.float16: 2.0**-25}
+
+
+@pytest.fixture
+def gen(rng) -> torch.Generator:
+    return torch.Generator().manual_seed(int(rng.integers(2**62)))
+
+
+def _weights(gen, shape):
+    # Student-t-like outliers, as real LLM weights have; never all zeros.
+    return torch.randn(shape, generator=gen) / torch.rand(shape, generator=gen).clamp_min(0.05) * 0.02
+
+
+def _check_4bit(got, x, packed, absmax, shape, blocksize, quant_type, bias=None, context=""):
+    """``got`` against float64 math on the exactly decoded weight, within the f32 bound."""
+    out_f, in_f = shape
+    w64 = ref.dequantize_4bit(packed, absmax, shape, blocksize, quant_type, torch.float64)
+    x64 = x.double().reshape(-1, in_f)
+    expected = x64 @ w64.t()
+    mag = x64.abs() @ w64.abs().t()
+    if bias is not None:
+        b64 = bias.to(x.dtype).double()  # the dense path rounds the bias to x's dtype too
+        expected, mag = expected + b64, mag + b64.abs()
+    # f32 accumulation over K products (plus the f32 rounding of code * absmax); bf16 x may
+    # multiply bf16-rounded weights (documented for the bf16 kernels); the output is rounded
+    # once to x's dtype (absolutely for subnormal outputs); 1e-30 covers flushed denormals.
+    w_eps = 2.0**-8 if x.dtype == torch.bfloat16 else 0.0
+    bound = ((2 * in_f + 4) * EPS32 * mag + w_eps * mag + OUT_EPS[x.dtype] * expected.abs() + OUT_TINY[x.dtype]
+             + 1e-30 * (in_f + 1))
+    err = (got.double().reshape(expected.shape) - expected).abs()
+    bad = err > bound
+    assert not bool(bad.any()), (
+        f"{context}: {int(bad.sum())} of {bad.numel()} outside the bound; worst excess "
+        f"{float((err - bound).max()):.3g} (err {float(err.max()):.3g})")
+
+
+def _quantized(gen, out_f, in_f, blocksize, quant_type, double_quant):
+    w = _weights(gen, (out_f, in_f))
+    packed, absmax = kernels.quantize_4bit(w, blocksize, quant_type)
+    if double_quant:  # what the modules pass: the float32 absmax decoded from DQ constants
+        codes, nested = kernels.double_quantize(absmax)
+        absmax = kernels.decode_absmax(codes, nested["nested_absmax"], nested["nested_code"], nested["offset"])
+    return packed, absmax
+
+
+# --------------------------------------------------------------------------- 4-bit
+
+
+def test_levels_are_a_ladder_starting_with_portable():
+    assert LEVELS[0] == "portable"
+    assert _core.simd_level() == LEVELS[-1]
+    for level in LEVELS:
+        assert _core.simd_level(level) == level
+    assert _core.simd_level("auto") == LEVELS[-1]
+    with pytest.raises(ValueError) as info:
+        _core.simd_level("sse9")
+    assert info.value.requested == "sse9" and "portable" in info.value.available
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_fused_4bit_against_float64(gen, level, quant_type, double_quant):
+    cases = [  # (M, N, K, blocksize): odd N, K not a multiple of the blocksize / of 32, odd K
+        (1, 7, 64, 64),
+        (1, 33, 96, 64),  # blocks span rows
+        (2, 31, 160, 128),
+        (3, 9, 32, 32),
+        (5, 17, 4160, 4096),  # rows straddle a 4096 block
+        (8, 13, 256, 4096),  # one block holds many rows
+        (17, 11, 45, 32),  # odd K: rows start mid-byte (portable kernel)
+        (33, 5, 200, 256),  # K % 32 != 0
+        (64, 19, 512, 1024),
+        (64, 3, 2080, 2048),
+    ]
+    for m, n, k, bs in cases:
+        packed, absmax = _quantized(gen, n, k, bs, quant_type, double_quant)
+        bias = torch.randn(n, generator=gen)
+        for dtype in DTYPES:
+            x = torch.randn(m, k, generator=gen).to(dtype)
+            got = _cpu.matmul_4bit_fused(x, packed, absmax, [n, k], bs, quant_type, bias, simd=level)
+            assert got.dtype == dtype and got.shape == (m, n)
+            _check_4bit(got, x, packed, absmax, (n, k), bs, quant_type, bias, f"{level} {dtype} {(m, n, k, bs)}")
+
+
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 256, 512, 1024, 2048, 4096])
+def test_every_blocksize_every_level(gen, blocksize):
+    for level in LEVELS:
+        for m in (1, 4, 12):
+            n, k = 21, blocksize + 96  # K not a multiple of the blocksize
+            packed, absmax = _quantized(gen, n, k, blocksize, "nf4", False)
+            x = torch.randn(m, k, generator=gen).bfloat16()
+            got = _cpu.matmul_4bit_fused(x, packed, absmax, [n, k], blocksize, "nf4", None, simd=level)
+            _check_4bit(got, x, packed, absmax, (n, k), blocksize, "nf4", None, f"{level} bs={blocksize} m={m}")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    m=st.integers(1, 64),
+    n=st.integers(1, 70),
+    k=st.one_of(st.integers(1, 400), st.integers(1, 12).map(lambda c: 32 * c)),
+    bs_pow=st.integers(5, 12),
+    quant_type=st.sampled_from(["nf4", "fp4"]),
+    dtype=st.sampled_from(DTYPES),
+    level=st.sampled_from(LEVELS),
+    seed=st.integers(0, 2**62),
+)
+def test_fused_4bit_hypothesis_shapes(m, n, k, bs_pow, quant_type, dtype, level, seed):
+    g = torch.Generator().manual_seed(seed)
+    packed, absmax = _quantized(g, n, k, 1 << bs_pow, quant_type, False)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g) if seed % 2 else None
+    got = _cpu.matmul_4bit_fused(x, packed, absmax, [n, k], 1 << bs_pow, quant_type, bias, simd=level)
+    _check_4bit(got, x, packed, absmax, (n, k), 1 << bs_pow, quant_type, bias, f"{level} {dtype} {(m, n, k)}")
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_op_and_module_under_forced_level(gen, monkeypatch, level):
+    """NYBBLE_SIMD forces the level through the op and the modules (DQ on and off)."""
+    monkeypatch.setenv("NYBBLE_SIMD", level)
+    assert _core.simd_level() == level
+    for double_quant in (False, True):
+        lin = torch.nn.Linear(96, 37)
+        with torch.no_grad():
+            lin.weight.copy_(_weights(gen, (37, 96)))
+        layer = Linear4bit.from_linear(lin, blocksize=64, double_quant=double_quant)
+        absmax = layer.float_absmax()
+        packed = layer.packed_uint8()
+        for dtype in DTYPES:
+            x = torch.randn(2, 3, 96, generator=gen).to(dtype)
+            with torch.no_grad():
+                y = layer(x)
+            assert y.dtype == dtype and y.shape == (2, 3, 37)
+            _check_4bit(y, x, packed, absmax, (37, 96), 64, "nf4", layer.bias, f"module {level} {dtype}")
+            y2 = kernels.matmul_4bit(x, packed, absmax, (37, 96), 64, "nf4", layer.bias)
+            _check_4bit(y2, x, packed, absmax, (37, 96), 64, "nf4", layer.bias, f"op {level} {dtype}")
+
+
+def test_dispatch_uses_fused_up_to_the_threshold(gen, monkeypatch):
+    calls = []
+    real = _core.matmul_4bit
+
+    def spy(*args, **kwargs):
+        calls.append(args[2])  # rows
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_core, "matmul_4bit", spy)
+    n, k = 24, 128
+    packed, absmax = _quantized(gen, n, k, 64, "nf4", False)
+    limit = _cpu.FUSED_4BIT_MAX_M
+    for m in (1, limit, limit + 1):
+        x = torch.randn(m, k, generator=gen)
+        y = kernels.matmul_4bit(x, packed, absmax, (n, k), 64, "nf4")
+        _check_4bit(y, x, packed, absmax, (n, k), 64, "nf4", None, f"m={m}")
+    assert calls == [1, limit]
+    # float64 x keeps dequantize + matmul (exact products).
+    x = torch.randn(3, k, generator=gen, dtype=torch.float64)
+    w64 = ref.dequantize_4bit(packed, absmax, (n, k), 64, "nf4", torch.float64)
+    assert torch.allclose(kernels.matmul_4bit(x, packed, absmax, (n, k), 64, "nf4"), x @ w64.t(), rtol=1e-12)
+    assert calls == [1, limit]
+
+
+def test_fused_grad_x_and_empty_inputs(gen):
+    n, k = 10, 64
+    packed, absmax = _quantized(gen, n, k, 64, "nf4", False)
+    w64 = ref.dequantize_4bit(packed, absmax, (n, k), 64, "nf4", torch.float64)
+    x = torch.randn(3, k, generator=gen).requires_grad_()
+    kernels.matmul_4bit(x, packed, absmax, (n, k), 64, "nf4").sum().backward()
+    assert torch.allclose(x.grad.double(), w64.sum(0).expand(3, k), rtol=1e-6, atol=1e-6)
+    empty = kernels.matmul_4bit(torch.zeros(0, k), packed, absmax, (n, k), 64, "nf4")
+    assert empty.shape == (0, n)
+
+
+def test_fused_4bit_bad_arguments(gen):
+    n, k = 8, 64
+    packed, absmax = _quantized(gen, n, k, 64, "nf4", False)
+    p, a = _cpu.np_view(packed), _cpu.np_view(absmax)
+    x = np.ones(2 * k, dtype=np.float32)
+    out = np.zeros(2 * n, dtype=np.float32)
+    with pytest.raises(ValueError, match="needs 128 elements") as info:
+        _core.matmul_4bit(x[:100], "float32", 2, p, a, n, k, 64, "nf4", None, out)
+    assert (info.value.rows, info.value.cols, info.value.len) == (2, 64, 100)
+    with pytest.raises(ValueError, match="output") as info:
+        _core.matmul_4bit(x, "float32", 2, p, a, n, k, 64, "nf4", None, out[:15])
+    assert info.value.what == "output" and info.value.expected == 16
+    with pytest.raises(ValueError, match="packed weight"):
+        _core.matmul_4bit(x, "float32", 2, p[1:], a, n, k, 64, "nf4", None, out)
+    with pytest.raises(ValueError, match="absmax"):
+        _core.matmul_4bit(x, "float32", 2, p, a[:-1], n, k, 64, "nf4", None, out)
+    with pytest.raises(ValueError, match="bias"):
+        _core.matmul_4bit(x, "float32", 2, p, a, n, k, 64, "nf4", np.zeros(7, np.float32), out)
+    with pytest.raises(ValueError, match="blocksize"):
+        _core.matmul_4bit(x, "float32", 2, p, a, n, k, 48, "nf4", None, out)
+    with pytest.raises(ValueError, match="quantization type"):
+        _core.matmul_4bit(x, "float32", 2, p, a, n, k, 64, "nf5", None, out)
+    with pytest.raises(ValueError, match="uint16"):  # out's dtype is not x's
+        _core.matmul_4bit(x.view(np.uint16), "bfloat16", 2, p, a, n, k, 64, "nf4", None, out)
+    with pytest.raises(ValueError, match="uint16"):
+        _core.matmul_4bit(x, "bfloat16", 2, p, a, n, k, 64, "nf4", None, out)
+    with pytest.raises(ValueError, match="dtype"):
+        _core.matmul_4bit(x, "float64", 2, p, a, n, k, 64, "nf4", None, out)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _core.matmul_4bit(np.ones(4 * k, np.float32)[::2], "float32", 2, p, a, n, k, 64, "nf4", None, out)
+    with pytest.raises(OverflowError):
+        _core.matmul_4bit(x, "float32", 2, p, a, 2**62, 2**62, 64, "nf4", None, out)
+    with pytest.raises(ValueError) as info:
+        _core.matmul_4bit(x, "float32", 2, p, a, n, k, 64, "nf4", None, out, simd="avx9000")
+    assert info.value.requested == "avx9000"
+    with pytest.raises(ValueError):  # out aliasing x
+        _core.matmul_4bit(x, "float32", 2, p, a, n, k, 64, "nf4", None, x)
+    bad = absmax.clone()
+    bad[3] = float("nan")
+    for level in LEVELS:
+        with pytest.raises(nybble.NonFiniteError) as info:
+            _cpu.matmul_4bit_fused(torch.ones(2, k), packed, bad, [n, k], 64, "nf4", None, simd=level)
+        assert info.value.index == 3
+    with pytest.raises(ValueError, match="features"):
+        kernels.matmul_4bit(torch.ones(2, k + 1), packed, absmax, (n, k), 64, "nf4")
+
+
+# --------------------------------------------------------------------------- int8
+
+
+def _int8_case(gen, m, n, k, outlier_cols, dtype):
+    x = (torch.randn(m, k, generator=gen) * 1.5).clamp(-5.5, 5.5)  # outliers only where asked
+    for c in outlier_cols:
+        x[:, c] *= 12.0  # most rows exceed the threshold: an outlier column
+    w = torch.randn(n, k, generator=gen) * 0.1
+    qw = nybble.int8.quantize_absmax(w, "row")
+    return x.to(dtype), qw.q, qw.absmax
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_int8_equals_the_composition(gen, level, dtype):
+    for m, n, k in [(1, 7, 64), (3, 33, 100), (4, 16, 257), (9, 5, 31), (17, 12, 128), (64, 9, 4097)]:
+        for cols, bias in [((), False), ((), True), ((k // 3,), True)]:
+            x, q, scb = _int8_case(gen, m, n, k, cols, dtype)
+            b = torch.randn(n, generator=gen) if bias else None
+            got = _cpu.int8_linear(x, q, scb, b, 6.0, simd=level)
+            expected = ops._int8_linear(x, q, scb, b, 6.0)
+            assert got.dtype == dtype and got.shape == (m, n)
+            # No or one outlier column: the same float32 operations in the same order.
+            assert torch.equal(got, expected), (level, dtype, m, n, k, cols)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_fused_int8_several_outlier_columns_and_threshold_zero(gen, level):
+    m, n, k = 12, 20, 96
+    x, q, scb = _int8_case(gen, m, n, k, (2, 40, 77), torch.float32)
+    got = _cpu.int8_linear(x, q, scb, None, 6.0, simd=level)
+    expected = ops._int8_linear(x, q, scb, None, 6.0)
+    # Only the summation order of the outlier term may differ: float32 rounding of it.
+    cols = torch.tensor([2, 40, 77])
+    w_deq = ref.int8_dequantize_rows(q, scb).double()
+    outlier_mag = x[:, cols].double().abs() @ w_deq[:, cols].abs().t()
+    assert torch.all((got.double() - expected.double()).abs() <= 4 * EPS32 * (outlier_mag + expected.double().abs()))
+    # threshold 0: no outlier extraction, the composition bit for bit.
+    got0 = _cpu.int8_linear(x, q, scb, None, 0.0, simd=level)
+    assert torch.equal(got0, ops._int8_linear(x, q, scb, None, 0.0))
+
+
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(1, 64), n=st.integers(1, 40), k=st.integers(1, 300), dtype=st.sampled_from(DTYPES),
+       level=st.sampled_from(LEVELS), seed=st.integers(0, 2**62))
+def test_fused_int8_hypothesis(m, n, k, dtype, level, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, q, scb = _int8_case(g, m, n, k, (seed % k,) if seed % 3 == 0 else (), dtype)
+    assert torch.equal(_cpu.int8_linear(x, q, scb, None, 6.0, simd=level), ops._int8_linear(x, q, scb, None, 6.0))
+
+
+def test_int8_linear_op_runs_the_fused_kernel_on_cpu(gen, monkeypatch):
+    calls = []
+    real = _cpu.int8_linear
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].dtype)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_cpu, "int8_linear", spy)
+    x, q, scb = _int8_case(gen, 5, 8, 64, (3,), torch.bfloat16)
+    y = kernels.int8_linear(x, q, scb, None, 6.0)
+    assert calls == [torch.bfloat16]
+    assert torch.equal(y, ops._int8_linear(x, q, scb, None, 6.0))
+    # float64 keeps the composition; NYBBLE_KERNELS=torch the reference.
+    kernels.int8_linear(x.double(), q, scb, None, 6.0)
+    monkeypatch.setenv("NYBBLE_KERNELS", "torch")
+    kernels.int8_linear(x, q, scb, None, 6.0)
+    assert calls == [torch.bfloat16]
+
+
+def test_fused_int8_bad_arguments(gen):
+    x, q, scb = _int8_case(gen, 2, 3, 4, (), torch.float32)
+    xn = _cpu.np_view(x)
+    qn, sn = _cpu.np_view(q), _cpu.np_view(scb)
+    out = np.zeros(6, np.float32)
+    with pytest.raises(ValueError, match="needs 8 elements"):
+        _core.int8_linear(xn[:7], "float32", 2, qn, sn, 3, 4, None, 6.0, out)
+    with pytest.raises(ValueError, match="SCB"):
+        _core.int8_linear(xn, "float32", 2, qn, sn[:2], 3, 4, None, 6.0, out)
+    with pytest.raises(ValueError, match="int8 weight"):
+        _core.int8_linear(xn, "float32", 2, qn[:11], sn, 3, 4, None, 6.0, out)
+    with pytest.raises(ValueError, match="threshold"):
+        _core.int8_linear(xn, "float32", 2, qn, sn, 3, 4, None, -1.0, out)
+    with pytest.raises(ValueError, match="threshold"):
+        _core.int8_linear(xn, "float32", 2, qn, sn, 3, 4, None, math.inf, out)
+    bad = x.clone()
+    bad[1, 2] = float("inf")
+    with pytest.raises(nybble.NonFiniteError) as info:
+        _cpu.int8_linear(bad, q, scb, None, 6.0)
+    assert info.value.index == 6
+    with pytest.raises(ValueError, match="features"):
+        kernels.int8_linear(torch.ones(2, 5), q, scb)
