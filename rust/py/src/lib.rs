@@ -1607,6 +1607,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     // Importing the classes here makes a missing nybble.errors fail the import, not an error.
     let py = m.py();
+    // rust-numpy imports NumPy's C API on first use, running Python code (numpy's version
+    // parsing) inside that call; a signal handler that raises there (SIGTERM during a
+    // conversion) turned into a panic. Import it now, before any handler is installed.
+    numpy::PyArray1::<f32>::zeros(py, 0, false);
     m.add(
         "NonFiniteError",
         error_class(py, &NON_FINITE_ERROR, "NonFiniteError")?,
