@@ -103,6 +103,52 @@ def test_inspect_verify_dequantize(tmp_path, minilm_path):
     assert invoke("verify", out, minilm_path).exit_code == 1
 
 
+def test_inspect_dtype_column_uses_one_spelling(tmp_path, minilm_path):
+    out = tmp_path / "q"
+    assert invoke("quantize", minilm_path, "-o", out, "--no-stats").exit_code == 0
+    info = json.loads(invoke("inspect", out, "--json").output)
+    dtypes = {r["dtype"] for r in info["tensors"]}
+    # packed rows give the original dtype, plain rows their stored one: both spelled as torch does
+    assert dtypes == {"float32", "int64"}, dtypes
+    by_name = {r["name"]: r for r in info["tensors"]}
+    assert by_name["embeddings.position_ids"]["dtype"] == "int64"
+    assert by_name["encoder.layer.0.intermediate.dense.weight"]["dtype"] == "float32"
+
+
+def test_inspect_an_adapter_folder(tmp_path, minilm_path):
+    import nybble
+
+    model = nybble.load_quantized(_quantized(tmp_path, minilm_path))
+    nybble.add_lora(model, r=4, alpha=8, target_modules=["query", "value"])
+    nybble.save_adapter(model, tmp_path / "adapter")
+    result = invoke("inspect", tmp_path / "adapter")
+    assert result.exit_code == 0, result.output
+    assert "adapter_model.safetensors" in result.output and "lora_A" in result.output
+    info = json.loads(invoke("inspect", tmp_path / "adapter", "--json").output)
+    assert info["adapter"]["r"] == 4 and info["adapter"]["lora_alpha"] == 8
+    assert sorted(info["adapter"]["target_modules"]) == ["query", "value"]
+    # 6 layers x (query, value) x (A, B)
+    assert len(info["tensors"]) == 24 and all(r["format"] == "plain" for r in info["tensors"])
+    # A broken adapter config is a clean error naming the file.
+    (tmp_path / "adapter" / "adapter_config.json").write_text("[1, 2]")
+    result = invoke("inspect", tmp_path / "adapter")
+    assert result.exit_code == 1 and "adapter_config.json" in result.output and "Traceback" not in result.output
+
+
+def _quantized(tmp_path, minilm_path):
+    out = tmp_path / "q"
+    assert invoke("quantize", minilm_path, "-o", out, "--no-stats").exit_code == 0
+    return out
+
+
+def test_every_option_has_help_text():
+    import click
+
+    missing = [f"{name} {p.opts[0]}" for name, cmd in main.commands.items() for p in cmd.params
+               if isinstance(p, click.Option) and not p.help]
+    assert missing == []
+
+
 def test_missing_input(tmp_path):
     result = invoke("quantize", tmp_path / "nope", "-o", tmp_path / "out")
     assert_failed_cleanly(result, tmp_path, [], "nope")

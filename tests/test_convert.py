@@ -269,3 +269,49 @@ def test_interrupt_from_callback_leaves_nothing(model_dir, tmp_path):
         ck.quantize_checkpoint(src, out, on_tensor=on_tensor)
     assert len(seen) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_streamed_conversion_writes_the_same_bytes(model_dir, tmp_path):
+    """Without error statistics the converter streams tensors in chunks through its read-ahead
+    and write-behind threads; with them it reads each quantized tensor whole. Same bytes."""
+    src, _ = model_dir
+    for method in ["nf4", "fp4"]:
+        for dq in [True, False]:
+            a, b = tmp_path / f"a-{method}-{dq}", tmp_path / f"b-{method}-{dq}"
+            ck.quantize_checkpoint(src, a, method=method, double_quant=dq, error_stats=True)
+            ck.quantize_checkpoint(src, b, method=method, double_quant=dq, error_stats=False)
+            assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+
+
+def _limit_file_size():
+    import resource
+    import signal
+
+    # Writes past 1 MB fail with EFBIG, as on a full disk (SIGXFSZ would kill the child).
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
+
+
+@pytest.mark.parametrize("stats", [False, True])
+def test_write_error_in_the_write_behind_thread_is_clean(tmp_path, rng, stats):
+    """A full disk under the write-behind thread stops the conversion with the writer's error
+    naming the shard, and leaves no output (no shard, no temporary file, no staging folder)."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "src"
+    src.mkdir()
+    tensors = {f"model.layers.{i}.mlp.up_proj.weight": (rng.standard_normal((512, 1024)) * 0.05).astype(ml_dtypes.bfloat16)
+               for i in range(4)}
+    tensors["model.embed_tokens.weight"] = (rng.standard_normal((1024, 512))).astype(np.float32)
+    write_checkpoint(src / "model.safetensors", tensors, {"format": "pt"})
+    out = tmp_path / "out"
+    code = ("import sys\nfrom nybble import checkpoint as ck\n"
+            "try:\n    ck.quantize_checkpoint(sys.argv[1], sys.argv[2], error_stats=sys.argv[3] == '1')\n"
+            "except Exception as e:\n    print(type(e).__name__, e)\n    sys.exit(3)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(src), str(out), "1" if stats else "0"],
+                          capture_output=True, text=True, preexec_fn=_limit_file_size, timeout=120)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "model.safetensors" in proc.stdout and "too large" in proc.stdout.lower(), proc.stdout
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

@@ -96,6 +96,34 @@ def test_import_nybble_does_not_import_torch_or_transformers():
     assert out.stdout.split() == ["False", "False"]
 
 
+def test_nybble_paths_never_import_bitsandbytes_or_peft(llama_path, tmp_path):
+    """bitsandbytes prints a kernels-community warning on import; peft imports it. Loading
+    through nybble (dense or packed, NybbleConfig or load_quantized) imports neither, and PEFT's
+    dispatch of nybble layers still installs itself when the user imports peft."""
+    packed = tmp_path / "packed"
+    ck.quantize_checkpoint(llama_path, packed)
+    code = f"""
+import sys, torch, transformers, nybble
+dense = transformers.AutoModelForCausalLM.from_pretrained({str(llama_path)!r}, quantization_config=nybble.NybbleConfig())
+packed = transformers.AutoModelForCausalLM.from_pretrained({str(packed)!r}, quantization_config=nybble.NybbleConfig())
+ours = nybble.load_quantized({str(packed)!r}, model_class=transformers.AutoModelForCausalLM)
+dense(input_ids=torch.tensor([[5, 6, 7]])); packed(input_ids=torch.tensor([[5, 6, 7]]))
+print("bitsandbytes" in sys.modules, "peft" in sys.modules)
+print("IMPORTING PEFT", file=sys.stderr, flush=True)
+import peft
+pm = peft.get_peft_model(packed, peft.LoraConfig(target_modules="all-linear", r=4))
+print(type(pm.base_model.model.model.layers[0].mlp.down_proj).__name__)
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.split()
+    assert lines[:2] == ["False", "False"], out.stdout
+    assert lines[2] == "LoraNybbleLinear", out.stdout
+    assert "IMPORTING PEFT" in out.stderr
+    assert "kernels-community" not in out.stderr.split("IMPORTING PEFT")[0]
+
+
 def test_config_registered_and_serialized_as_bitsandbytes():
     from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 

@@ -67,6 +67,140 @@ def test_linear4bit_does_not_keep_dense_weight_for_backward(rng, monkeypatch):
         y.sum().backward()
         assert len(decoded) == forward_decodes + 1
         torch.testing.assert_close(x.grad, torch.ones(rows, 256) @ q.dequantized_weight(torch.float32))
+    # Whatever the path, autograd keeps nothing of the dense weight's size between forward
+    # and backward: what it saves is the packed weight, the float32 absmax and x.
+    saved = []
+    for rows in (4, _cpu.FUSED_4BIT_MAX_M + 1):
+        x = torch.randn(rows, 256, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            y = q(x)
+        y.sum().backward()
+    assert saved and max(saved) <= (_cpu.FUSED_4BIT_MAX_M + 1) * 256 and 256 * 256 not in saved
+
+
+def _count_absmax_decodes(monkeypatch):
+    """Counts calls of the CPU kernel of nybble::decode_absmax (the DQ decode)."""
+    from nybble.kernels import _cpu
+
+    calls = []
+    original = _cpu.decode_absmax
+
+    def spy(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(_cpu, "decode_absmax", spy)
+    return calls
+
+
+def test_linear4bit_decodes_double_quantized_absmax_once_and_the_fused_kernel_gets_it(rng, monkeypatch):
+    from nybble.kernels import _cpu
+
+    q = Linear4bit.from_linear(make_linear(rng, 96, 40), compute_dtype=torch.float32)
+    calls = _count_absmax_decodes(monkeypatch)
+    fused_absmax = []
+    original_fused = _cpu.matmul_4bit_fused
+
+    def fused_spy(x, packed, absmax, *args, **kwargs):
+        fused_absmax.append(absmax)
+        return original_fused(x, packed, absmax, *args, **kwargs)
+
+    monkeypatch.setattr(_cpu, "matmul_4bit_fused", fused_spy)
+    x = torch.randn(3, 96)
+    ys = [q(x) for _ in range(4)]
+    assert len(calls) == 1 and len(fused_absmax) == 4
+    assert all(a is fused_absmax[0] for a in fused_absmax)  # the cached tensor itself, float32
+    assert fused_absmax[0].dtype == torch.float32 and fused_absmax[0].numel() == 96 * 40 // 64
+    reference_absmax = nybble.kernels.decode_absmax(*q._absmax_args())
+    assert torch.equal(fused_absmax[0], reference_absmax)
+    assert all(torch.equal(y, ys[0]) for y in ys)
+    # The state dict still holds bitsandbytes' layout: uint8 codes plus the nested constants.
+    sd = q.state_dict()
+    assert sd["weight.absmax"].dtype == torch.uint8 and "weight.nested_absmax" in sd
+    # Without double quantization there is nothing to decode.
+    plain = Linear4bit.from_linear(make_linear(rng, 96, 40), double_quant=False)
+    plain(x)
+    assert len(calls) == 2  # the reference decode above, nothing for `plain`
+
+
+def test_linear4bit_absmax_cache_follows_every_change_of_the_constants(rng, monkeypatch):
+    lin_a, lin_b = make_linear(rng, 64, 24, bias=False), make_linear(rng, 64, 24, bias=False)
+    q = Linear4bit.from_linear(lin_a, compute_dtype=torch.float32)
+    other = Linear4bit.from_linear(lin_b, compute_dtype=torch.float32)
+    calls = _count_absmax_decodes(monkeypatch)
+    x = torch.randn(2, 64)
+
+    def fresh(module):  # the same module's output with its absmax decoded now
+        module.invalidate_absmax_cache()
+        return module(x)
+
+    y_a = q(x)
+    # load_state_dict
+    q.load_state_dict(other.state_dict())
+    torch.testing.assert_close(q(x), other(x), rtol=0, atol=0)
+    assert not torch.equal(q(x), y_a)
+    # set_weight
+    q.set_weight(lin_a.weight.detach())
+    torch.testing.assert_close(q(x), y_a, rtol=0, atol=0)
+    n = len(calls)
+    q(x)
+    assert len(calls) == n  # valid again: no decode
+    # in-place change of each constant: the codes, the nested absmax, the offset
+    with torch.no_grad():
+        q.absmax_codes[0] ^= 0x55
+    y = q(x)
+    assert len(calls) == n + 1 and torch.equal(y, fresh(q)) and not torch.equal(y, y_a)
+    with torch.no_grad():
+        q.nested_absmax_bits.copy_((q.nested_absmax_bits.view(torch.float32) * 2).view(torch.int32))
+    y = q(x)
+    assert torch.equal(y, fresh(q))
+    with torch.no_grad():
+        q.offset_bits.copy_((q.offset_bits.view(torch.float32) + 0.5).view(torch.int32))
+    y = q(x)
+    assert torch.equal(y, fresh(q))
+    # reassigning a constant
+    q.absmax_codes = other.absmax_codes.clone()
+    y = q(x)
+    assert torch.equal(y, fresh(q))
+    # the cached tensor changed in place by a caller of float_absmax()
+    before = q(x)
+    with torch.no_grad():
+        q.float_absmax().mul_(3)
+    torch.testing.assert_close(q(x), before, rtol=0, atol=0)
+    # device / dtype moves (module.to casts floating buffers; the int32 constants survive)
+    n = len(calls)
+    q.to(torch.bfloat16)
+    assert q._absmax_cache is None
+    torch.testing.assert_close(q(x.bfloat16()), q(x.bfloat16()), rtol=0, atol=0)
+    assert len(calls) == n + 1
+    # an absmax cached in inference mode is decoded again for autograd, which cannot save it
+    q = Linear4bit.from_linear(lin_a, compute_dtype=torch.float32)
+    with torch.inference_mode():
+        y_inf = q(x)
+    xg = x.clone().requires_grad_(True)
+    y = q(xg)
+    y.sum().backward()
+    assert torch.equal(y.detach(), y_inf) and xg.grad is not None
+
+
+def test_linear4bit_absmax_cache_survives_adapter_training_and_can_be_off(rng, monkeypatch):
+    q = Linear4bit.from_linear(make_linear(rng, 64, 32), compute_dtype=torch.float32)
+    lora = LoraLinear(q, r=4, alpha=8)
+    opt = torch.optim.SGD([p for p in lora.parameters() if p.requires_grad], lr=0.1)
+    calls = _count_absmax_decodes(monkeypatch)
+    x = torch.randn(5, 64)
+    losses = []
+    for _ in range(3):  # only the adapter changes: the base's decode stays valid
+        loss = lora(x).square().mean()
+        losses.append(float(loss.detach()))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert len(calls) == 1 and losses[-1] < losses[0]
+    q.cache_absmax = False  # per call, as before (memory: only the 8-bit codes)
+    q.invalidate_absmax_cache()
+    y1, y2 = q(x), q(x)
+    assert len(calls) == 3 and torch.equal(y1, y2) and q._absmax_cache is None
 
 
 def test_linear4bit_state_dict_round_trip_and_to(rng):

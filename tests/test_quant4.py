@@ -221,3 +221,74 @@ def test_dtypes_share_codes(rng):
         a, _ = nybble.quantize_4bit(xd)
         b, _ = nybble.quantize_4bit(xd.astype(np.float32))
         np.testing.assert_array_equal(a, b)
+
+
+SIMD_LEVELS = nybble._core.simd_levels()
+
+
+def _simd_inputs(rng, n, blocksize):
+    """Finite values with ties on the NF4 / FP4 decision points, +-0, subnormals, huge values
+    and all-zero / constant blocks."""
+    x = (rng.standard_normal(n) * 0.05).astype(np.float32)
+    nf4 = codebooks.code_4bit("nf4").astype(np.float32)
+    bounds = np.concatenate([(nf4[1:] + nf4[:-1]) / np.float32(2), nf4, [0.0, -0.0, 1.0, -1.0]]).astype(np.float32)
+    pick = rng.random(n)
+    x = np.where(pick < 0.15, bounds[rng.integers(0, bounds.size, n)], x)
+    x = np.where((pick > 0.15) & (pick < 0.18), np.float32(1e-40), x)
+    x = np.where((pick > 0.18) & (pick < 0.19), np.float32(3e4), x)
+    x[blocksize:2 * blocksize] = 0.0
+    x[3 * blocksize:4 * blocksize] = -0.25
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_every_simd_level_writes_the_same_bytes(rng, dtype, quant_type):
+    """Each SIMD level of the block-wise kernels (forced) equals the portable one bit for bit:
+    quantize (codes, absmax, the non-finite error) and dequantize into every dtype."""
+    from nybble import _core
+
+    np_dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[dtype]
+    for blocksize in BLOCKSIZES:
+        for n in (1, 33, blocksize + 1, 5 * blocksize + 7):
+            x = _simd_inputs(rng, max(n, 4 * blocksize), blocksize)[:n].astype(np_dtype)
+            arg = x if dtype == "float32" else x.view(np.uint16)
+            want = _core.quantize_4bit(arg, dtype, blocksize, quant_type, simd="portable")
+            for level in SIMD_LEVELS:
+                got = _core.quantize_4bit(arg, dtype, blocksize, quant_type, simd=level)
+                np.testing.assert_array_equal(got[0], want[0], err_msg=f"{level} {blocksize} {n}")
+                np.testing.assert_array_equal(got[1].view(np.uint32), want[1].view(np.uint32))
+            packed, absmax = want
+            for out_dtype in ("float32", "float16", "bfloat16"):
+                ref = _core.dequantize_4bit(packed, absmax, n, blocksize, quant_type, out_dtype, simd="portable")
+                for level in SIMD_LEVELS:
+                    got = _core.dequantize_4bit(packed, absmax, n, blocksize, quant_type, out_dtype, simd=level)
+                    np.testing.assert_array_equal(got.view(np.uint8), ref.view(np.uint8), err_msg=f"{level}")
+        bad = _simd_inputs(rng, 3 * blocksize + 5, blocksize).astype(np_dtype)
+        bad[blocksize + 3] = np.inf
+        bad[-1] = np.nan
+        arg = bad if dtype == "float32" else bad.view(np.uint16)
+        for level in SIMD_LEVELS:
+            with pytest.raises(nybble.NonFiniteError) as e:
+                _core.quantize_4bit(arg, dtype, blocksize, quant_type, simd=level)
+            assert e.value.index == blocksize + 3
+
+
+def test_simd_level_forced_by_environment(rng, monkeypatch):
+    """NYBBLE_SIMD selects the level of quantize / dequantize as of the fused matmuls; a level
+    this CPU lacks is an error, not undefined behaviour."""
+    x = torch.randn(257, 129).to(torch.bfloat16)
+    want_p, want_s = nybble.quantize_4bit(x, blocksize=64, double_quant=True)
+    want = nybble.dequantize_4bit(want_p, want_s)
+    for level in SIMD_LEVELS:
+        monkeypatch.setenv("NYBBLE_SIMD", level)
+        p, s = nybble.quantize_4bit(x, blocksize=64, double_quant=True)
+        assert torch.equal(p, want_p) and torch.equal(nybble.dequantize_4bit(p, s).view(torch.int16), want.view(torch.int16))
+        out = torch.empty_like(want)
+        nybble.dequantize_4bit(p, s, out=out)
+        assert torch.equal(out.view(torch.int16), want.view(torch.int16))
+    missing = [lv for lv in ("avx2", "avx512", "avx512_vnni", "avx512_bf16") if lv not in SIMD_LEVELS]
+    if missing:
+        monkeypatch.setenv("NYBBLE_SIMD", missing[0])
+        with pytest.raises(Exception, match="SIMD|simd"):
+            nybble.quantize_4bit(x)

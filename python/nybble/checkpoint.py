@@ -33,6 +33,7 @@ from .formats import QUANT_STATE_PREFIX, quantization_config  # noqa: F401 - re-
 from .outputs import OutputError, OutputExistsError, OutputInterrupted, OutputLockedError  # noqa: F401 - re-exported
 from .quant import QuantState4bit, dequantize_4bit
 
+SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
 METHODS = ("nf4", "fp4", "int8")
@@ -57,7 +58,7 @@ _NUMPY_DTYPES = {
     "F32": np.dtype(np.float32),
     "F64": np.dtype(np.float64),
 }
-_SAFETENSORS_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+_SAFETENSORS_NAMES = fmt.FLOAT_SAFETENSORS_NAMES
 
 
 class CheckpointError(ValueError):
@@ -592,7 +593,7 @@ def dequantize_checkpoint(
     total = 0
     with staged_output(out, overwrite, input_paths(ckpt), "dequantize") as staging:
         for f in ckpt.files:
-            file_name = f.name if sharded else "model.safetensors"
+            file_name = f.name if sharded else SINGLE_FILE
             items = []
             for e in ckpt.entries.values():
                 if e.file != f:
@@ -628,7 +629,19 @@ def dequantize_checkpoint(
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A description of every tensor: format, shape, dtype, bytes and bits per parameter."""
+    """A description of every tensor: format, shape, dtype, bytes and bits per parameter. A
+    PEFT / nybble adapter folder is described too: its tensors, and under ``"adapter"`` the
+    fields of its adapter_config.json."""
+    from .model import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    path = Path(path)
+    adapter = None
+    if path.is_dir() and (path / ADAPTER_CONFIG).is_file() and not _model_files_in(path):
+        config = _files.read_json_file(path / ADAPTER_CONFIG)
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{path / ADAPTER_CONFIG}: expected a JSON object, got {type(config).__name__}")
+        adapter = {k: config.get(k) for k in _ADAPTER_FIELDS if k in config}
+        path = path / ADAPTER_WEIGHTS
     ckpt = Checkpoint(path)
     weights = packed_weights(ckpt)
     owned = {k for w in weights.values() for k in w.keys}
@@ -657,7 +670,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                 "name": e.name,
                 "format": "plain",
                 "shape": list(e.shape),
-                "dtype": e.dtype,
+                "dtype": fmt.dtype_name(e.dtype),
                 "bytes": e.nbytes,
                 "params": n,
                 "bits_per_param": 8 * e.nbytes / n if n else 0.0,
@@ -673,7 +686,17 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         "tensors": rows,
         "total_bytes": sum(r["bytes"] for r in rows),
         "total_params": sum(r["params"] for r in rows),
+        **({"adapter": adapter} if adapter is not None else {}),
     }
+
+
+#: The adapter_config.json fields ``inspect`` reports.
+_ADAPTER_FIELDS = ("peft_type", "base_model_name_or_path", "r", "lora_alpha", "lora_dropout", "target_modules",
+                   "use_rslora", "use_dora", "rank_pattern", "alpha_pattern")
+
+
+def _model_files_in(folder: Path) -> bool:
+    return any((folder / name).exists() for name in (SINGLE_FILE, INDEX_FILE))
 
 
 @dataclass

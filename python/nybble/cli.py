@@ -86,7 +86,8 @@ _QUANT_STORAGE_CHOICES = [*fmt.QUANT_STORAGES, *(a for a in fmt.QUANT_STORAGE_AL
 @main.command()
 @click.argument("input_path", metavar="[INPUT]", required=False, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=DEFAULT_OUTPUT, show_default=True, help="Output folder.")
-@click.option("--quant", "method", type=click.Choice(ck.METHODS), default="nf4", show_default=True)
+@click.option("--quant", "method", type=click.Choice(ck.METHODS), default="nf4", show_default=True,
+              help="Format of the quantized weights: NF4 or FP4 (4-bit, block-wise) or int8 (LLM.int8()).")
 @click.option("--blocksize", type=int, default=64, show_default=True, help="4-bit block size (32..4096, power of two).")
 @click.option("--double-quant/--no-double-quant", default=True, show_default=True, help="Quantize the 4-bit block constants too (QLoRA DQ).")
 @click.option("--compute-dtype", type=click.Choice(list(ck.COMPUTE_DTYPES)), default="bf16", show_default=True, help="bnb_4bit_compute_dtype written to config.json.")
@@ -199,6 +200,8 @@ def inspect(path, as_json):
         click.echo(f"metadata: {json.dumps(info['metadata'])}")
     if info["quantization_config"]:
         click.echo(f"quantization_config: {json.dumps(info['quantization_config'])}")
+    if "adapter" in info:
+        click.echo(f"adapter: {json.dumps(info['adapter'])}")
 
 
 @main.command()
@@ -281,47 +284,63 @@ _D = _FINETUNE_DEFAULTS
 @click.option("--data", type=click.Path(path_type=Path), help='Training jsonl: {"text": ...} or {"prompt": ..., "response": ...} per line.')
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=DEFAULT_FINETUNE_OUTPUT, show_default=True, help="Output folder (final adapter in PEFT format, checkpoint-* folders).")
 @click.option("--example", is_flag=True, help="Built-in tiny example (random tiny Llama + arithmetic data), offline on the CPU; also used when MODEL_DIR is omitted.")
-@click.option("--quant", type=click.Choice(QUANT_METHODS), default=_D["quant"], show_default=True)
-@click.option("--double-quant/--no-double-quant", default=_D["double_quant"], show_default=True)
+@click.option("--quant", type=click.Choice(QUANT_METHODS), default=_D["quant"], show_default=True,
+              help="Format a dense base model is quantized to at load (a packed MODEL keeps its own).")
+@click.option("--double-quant/--no-double-quant", default=_D["double_quant"], show_default=True,
+              help="Quantize the 4-bit block constants too (QLoRA DQ).")
 @click.option("--r", "rank", type=click.IntRange(min=1), default=None, help=f"LoRA rank {_both_defaults('r')}.")
 @click.option("--alpha", type=float, default=None, help=f"LoRA alpha {_both_defaults('alpha')}.")
 @click.option("--dropout", type=float, default=None, help=f"LoRA dropout {_both_defaults('dropout')}.")
 @click.option("--target", "target_modules", multiple=True, help="Module names to adapt (repeatable) [default: all linear layers].")
-@click.option("--optim", type=click.Choice(OPTIMIZERS), default=_D["optim"], show_default=True)
+@click.option("--optim", type=click.Choice(OPTIMIZERS), default=_D["optim"], show_default=True,
+              help="AdamW with 32-bit or 8-bit block-wise states; paged: states in managed memory on CUDA.")
 @click.option("--lr", type=float, default=None, help=f"Learning rate {_both_defaults('lr')}.")
-@click.option("--weight-decay", type=float, default=_D["weight_decay"], show_default=True)
-@click.option("--max-grad-norm", type=float, default=_D["max_grad_norm"], show_default=True)
-@click.option("--warmup-ratio", type=float, default=_D["warmup_ratio"], show_default=True)
-@click.option("--schedule", type=click.Choice(SCHEDULES), default=_D["schedule"], show_default=True)
+@click.option("--weight-decay", type=float, default=_D["weight_decay"], show_default=True, help="AdamW decoupled weight decay.")
+@click.option("--max-grad-norm", type=float, default=_D["max_grad_norm"], show_default=True,
+              help="Clip the adapters' gradient norm to this (0: no clipping).")
+@click.option("--warmup-ratio", type=float, default=_D["warmup_ratio"], show_default=True,
+              help="Fraction of the steps over which the learning rate rises linearly from 0.")
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=_D["schedule"], show_default=True,
+              help="Learning-rate schedule after the warmup.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help=f"Micro-batch size per process {_both_defaults('batch_size')}.")
 @click.option("--grad-accum", type=click.IntRange(min=1), default=None, help=f"Gradient accumulation steps {_both_defaults('grad_accum')}.")
-@click.option("--epochs", type=float, default=_D["epochs"], show_default=True)
+@click.option("--epochs", type=float, default=_D["epochs"], show_default=True,
+              help="Passes over the data (fractions allowed); --max-steps, when given, wins.")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help=f"Optimizer steps (overrides --epochs) [example: {_EXAMPLE_DEFAULTS['max_steps']}].")
 @click.option("--max-length", type=click.IntRange(min=2), default=None, help=f"Tokens per sequence {_both_defaults('max_length')}.")
-@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=_D["gradient_checkpointing"], show_default=True)
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=_D["gradient_checkpointing"], show_default=True,
+              help="Recompute activations in backward instead of keeping them (less memory, more compute).")
 @click.option("--dtype", type=click.Choice(DTYPES), default=_D["dtype"], show_default=True, help="Compute dtype (auto: bf16 on the GPU, fp32 on the CPU).")
 @click.option("--device", default=_D["device"], show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--save-steps", type=click.IntRange(min=0), default=_D["save_steps"], show_default=True, help="Checkpoint every N steps (adapter + optimizer + step + RNG); 0: only the final adapter.")
 @click.option("--resume", default=_D["resume"], help="Resume from a checkpoint folder, or 'latest' (the newest checkpoint-* in the output folder).")
-@click.option("--seed", type=int, default=_D["seed"], show_default=True)
+@click.option("--seed", type=int, default=_D["seed"], show_default=True, help="Seed of the adapters' init, dropout and data order.")
 @click.option("--progress/--no-progress", default=_D["progress"], show_default=True, help="Progress bar (else a log line every --log-every steps).")
-@click.option("--log-every", type=click.IntRange(min=1), default=_D["log_every"], show_default=True)
+@click.option("--log-every", type=click.IntRange(min=1), default=_D["log_every"], show_default=True,
+              help="Print the loss every N optimizer steps.")
+@click.option("--fsdp/--no-fsdp", default=_D["fsdp"], show_default=True, help="Under torchrun: shard the packed base, adapters and optimizer states over the processes (FSDP2) instead of DDP's full copy per process.")
+@click.option("--fsdp-offload", is_flag=True, default=_D["fsdp_offload"], help="With --fsdp: keep the shards in host memory (FSDP2 CPU offload).")
 def finetune(model_dir, data, output, example, quant, double_quant, rank, alpha, dropout, target_modules, optim, lr,
              weight_decay, max_grad_norm, warmup_ratio, schedule, batch_size, grad_accum, epochs, max_steps,
-             max_length, gradient_checkpointing, dtype, device, save_steps, resume, seed, progress, log_every):
+             max_length, gradient_checkpointing, dtype, device, save_steps, resume, seed, progress, log_every, fsdp,
+             fsdp_offload):
     """QLoRA fine-tuning of a causal LM: quantize MODEL_DIR (or load a packed checkpoint), add
     LoRA adapters, train on --data, write the adapter (PEFT format) to --output.
 
     Defaults follow the QLoRA paper: NF4 + double quant, r=64, alpha=16 on all linear layers,
     paged AdamW, lr 2e-4, max grad norm 0.3, constant schedule with 3% warmup, gradient
-    checkpointing. Under torchrun it trains with DDP (gloo on the CPU, NCCL on GPUs).
+    checkpointing. Under torchrun it trains with DDP (gloo on the CPU, NCCL on GPUs), or with
+    --fsdp FSDP2 shards of the packed base.
     """
     try:
         from .train import FinetuneConfig, NonFiniteGradientError, TrainingInterrupted
         from .train import finetune as run_finetune
         from .train.data import DataError
+        from .train.trainer import FSDP_NEEDS_PROCESSES, dist_info
     except ImportError as e:
         raise _Fail(f"finetune needs torch and transformers ({e}); pip install 'nybble[torch]' transformers") from None
+    if fsdp and dist_info()[2] < 2:  # before anything is built or written
+        raise click.UsageError(FSDP_NEEDS_PROCESSES)
     use_example = example or model_dir is None
     defaults = {key: _FINETUNE_DEFAULTS[key] for key in _EXAMPLE_DEFAULTS}
     if use_example:
@@ -363,7 +382,7 @@ def finetune(model_dir, data, output, example, quant, double_quant, rank, alpha,
         batch_size=pick(batch_size, "batch_size"), grad_accum=pick(grad_accum, "grad_accum"), epochs=epochs,
         max_steps=pick(max_steps, "max_steps"), max_length=pick(max_length, "max_length"),
         gradient_checkpointing=gradient_checkpointing, dtype=dtype, device=device, save_steps=save_steps,
-        resume=resume, seed=seed, progress=progress, log_every=log_every,
+        resume=resume, seed=seed, progress=progress, log_every=log_every, fsdp=fsdp, fsdp_offload=fsdp_offload,
     )
     try:
         run_finetune(cfg, log=click.echo)
@@ -400,6 +419,70 @@ def _wait_for(path: Path, timeout: float = 120.0) -> None:
         if time.monotonic() > deadline:
             raise _Fail(f"{path} did not appear within {timeout:.0f} s (is rank 0 running?)")
         time.sleep(0.2)
+
+
+@main.command("generate")
+@click.argument("model", metavar="[MODEL]", required=False, type=click.Path(path_type=Path))
+@click.option("--example", is_flag=True, help="The built-in example model (nybble finetune --example's) and its arithmetic prompts; also used when MODEL is omitted.")
+@click.option("--adapter", type=click.Path(path_type=Path), default=None, help="A PEFT / nybble LoRA adapter folder, applied unmerged.")
+@click.option("--prompt", "prompts", multiple=True, help="Prompt text (repeatable) [default: stdin; --example: its prompts].")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="Most tokens to generate per prompt (fewer when EOS comes first).")
+@click.option("--greedy", is_flag=True, help="Greedy decoding (the default unless --temperature / --top-p is given).")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=None, help="Sample at this temperature [default with --top-p: 1].")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=None, help="Nucleus sampling [default with --temperature: 1].")
+@click.option("--seed", type=int, default=None, help="Seed of the sampler.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True, help="Compute dtype and that of the dense tensors (auto: the one config.json records, else fp32).")
+@click.option("--quant", type=click.Choice(QUANT_METHODS), default=None, help="How a dense MODEL is quantized at load [default: nf4].")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: torch's).")
+@click.option("--ignore-eos", is_flag=True, help="Always generate --max-new-tokens tokens (benchmarks).")
+def generate_cmd(model, example, adapter, prompts, max_new_tokens, greedy, temperature, top_p, seed, device, dtype,
+                 quant, threads, ignore_eos):
+    """Generate text with a packed (or load-time quantized) causal LM, streaming the new
+    tokens to stdout; prefill / decode tokens/s and peak memory go to stderr.
+
+    MODEL is a packed checkpoint folder (nybble's or transformers + bitsandbytes') or a
+    dense one, quantized as it loads (--quant). Prompts are tokenized as nybble finetune
+    tokenizes its training prompts (BOS, then the text).
+    """
+    try:
+        import torch
+
+        from . import generate as gen
+    except ImportError as e:
+        raise _Fail(f"generate needs torch and transformers ({e}); pip install 'nybble[torch]' transformers") from None
+    if example and model is not None:
+        raise click.UsageError("give MODEL or --example, not both")
+    sampling = temperature is not None or top_p is not None
+    if greedy and sampling:
+        raise click.UsageError("--greedy cannot be combined with --temperature / --top-p")
+    if not prompts:
+        text = "" if sys.stdin is None or (model is None and sys.stdin.isatty()) else sys.stdin.read()
+        prompts = (text.rstrip("\n"),) if text.strip() else gen.EXAMPLE_PROMPTS if model is None else ()
+        if not prompts:
+            raise click.UsageError("no prompt: give --prompt TEXT or pipe the prompt on stdin")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # stderr is for the figures
+    try:
+        dev = gen.resolve_device(device)
+        path = gen.example_model_dir() if model is None else model
+        loaded = gen.load_model(path, dev, dtype, quant)
+        if adapter is not None:
+            gen.apply_adapter(loaded, adapter)
+        tokenizer = gen.load_tokenizer(path)
+        for prompt in prompts:
+            if seed is not None:
+                torch.manual_seed(seed)
+            stats = gen.generate(loaded, tokenizer, prompt, max_new_tokens, greedy=not sampling,
+                                 temperature=1.0 if temperature is None else temperature,
+                                 top_p=1.0 if top_p is None else top_p, out=sys.stdout, ignore_eos=ignore_eos)
+            click.echo(gen.format_stats(stats), err=True)
+        click.echo(gen.peak_memory(dev), err=True)
+    except gen.GenerateError as e:
+        raise _Fail(str(e)) from None
 
 
 if __name__ == "__main__":  # python -m nybble.cli (e.g. under torchrun without the console script)

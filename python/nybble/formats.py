@@ -458,10 +458,20 @@ def parse_quant_state(fields: Mapping[str, Any], quant_type: str | None = None) 
 
 # ----------------------------------------------------------------------------- tensor checks
 
-_SAFETENSORS_TO_NUMPY = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16",
-                         "I32": "int32", "U32": "uint32", "I64": "int64", "U64": "uint64", "F16": "float16",
-                         "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
-_FLOAT_NAMES = ("float32", "float16", "bfloat16")
+#: safetensors dtype -> the name numpy / torch give it (what nybble prints and records).
+SAFETENSORS_DTYPE_NAMES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16",
+                           "I32": "int32", "U32": "uint32", "I64": "int64", "U64": "uint64", "F16": "float16",
+                           "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+#: The float dtypes a weight may have (long name -> safetensors name).
+FLOAT_SAFETENSORS_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+def dtype_name(safetensors_dtype: str) -> str:
+    """``"F32"`` -> ``"float32"``; a name safetensors does not define comes back unchanged."""
+    return SAFETENSORS_DTYPE_NAMES.get(safetensors_dtype, safetensors_dtype)
+
+
+_FLOAT_NAMES = tuple(FLOAT_SAFETENSORS_NAMES)
 
 
 def _spec(x: Any) -> tuple[str, tuple[int, ...]]:
@@ -470,7 +480,7 @@ def _spec(x: Any) -> tuple[str, tuple[int, ...]]:
     values are at hand (a checkpoint's header)."""
     if isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str):
         dtype, shape = x
-        return _SAFETENSORS_TO_NUMPY.get(dtype, dtype.replace("torch.", "")), tuple(int(d) for d in shape)
+        return SAFETENSORS_DTYPE_NAMES.get(dtype, dtype.replace("torch.", "")), tuple(int(d) for d in shape)
     if _is_torch(x):
         return str(x.dtype).replace("torch.", ""), tuple(int(d) for d in x.shape)
     arr = np.asarray(x)

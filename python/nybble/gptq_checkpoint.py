@@ -29,7 +29,6 @@ from . import formats as fmt
 
 __all__ = ["calibration_batches", "load_model", "quantize_checkpoint_gptq", "read_calibration_texts"]
 
-_TORCH_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 def read_calibration_texts(path: str | os.PathLike, samples: int | None = None) -> list[str]:
@@ -137,7 +136,7 @@ def _four_bit_entries(name: str, layer, source_dtype: str, quant: str, double_qu
     nb = -(-n // layer.blocksize)
     storage = fmt.quant_storage_name(layer.weight.dtype)
     offset = float(layer.offset_bits.view(torch.float32)) if double_quant else None
-    blob = fmt.encode_quant_state(fmt.quant_state_dict(quant, layer.blocksize, _TORCH_NAMES[source_dtype], shape,
+    blob = fmt.encode_quant_state(fmt.quant_state_dict(quant, layer.blocksize, fmt.dtype_name(source_dtype), shape,
                                                        offset), padded=True)
     data = {
         "weight": (fmt.QUANT_STORAGES[storage][0], list(fmt.packed_shape(n, storage)), _u8(layer.weight)),

@@ -203,14 +203,17 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> None:
+def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None, *,
+                 tensors: dict[str, torch.Tensor] | None = None) -> None:
     """Writes ``adapter_config.json`` + ``adapter_model.safetensors`` that
     ``peft.PeftModel.from_pretrained`` loads.
 
     ``path`` must be a new or empty folder (it gets nybble's ``.nybble-output.json``
     marker), or one that nybble's save_adapter / finetune wrote; a folder holding other files,
     or overlapping the local ``base_model_name_or_path``, is refused
-    (:class:`nybble.outputs.OutputError`). Files get the umask's mode."""
+    (:class:`nybble.outputs.OutputError`). Files get the umask's mode. ``tensors``: the
+    adapter weights when the model's own are shards (FSDP: ``nybble.train.fsdp.full_adapter_state_dict``);
+    their keys must be :func:`adapter_state_dict`'s."""
     from safetensors.torch import save_file
 
     layers = lora_layers(model)
@@ -241,7 +244,14 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
     # finetune wrote; never the base model's folder.
     base = base_model_name_or_path
     outputs.claim_folder(path, "save_adapter", inputs=[base] if base and os.path.exists(base) else [])
-    tensors = {k: v.cpu() for k, v in adapter_state_dict(model).items()}
+    if tensors is None:
+        tensors = adapter_state_dict(model)
+    else:
+        expected = {n + s for n in (f"{PEFT_PREFIX}{k}" for k in layers) for s in (".lora_A.weight", ".lora_B.weight")}
+        if set(tensors) != expected:
+            raise ValueError(f"tensors= holds {len(tensors)} weights whose keys are not the model's {len(expected)} "
+                             "adapter weights (adapter_state_dict's keys)")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     # Each file written aside and renamed into place: a full disk or Ctrl-C leaves the
     # previous adapter, never a truncated one.
     for name, write in ((ADAPTER_WEIGHTS, lambda f: save_file(tensors, str(f), metadata={"format": "pt"})),

@@ -32,8 +32,10 @@ quantizer API (``create_quantized_param``) is not supported.
 
 from __future__ import annotations
 
+import importlib.abc
 import importlib.util
 import os
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -79,6 +81,44 @@ def _torch_dtype(dtype: Any) -> torch.dtype | None:
     if not isinstance(out, torch.dtype) or not out.is_floating_point:
         raise ValueError(f"compute_dtype {dtype!r} is not a torch floating dtype")
     return out
+
+
+class _AfterPeftImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: when ``peft`` is first imported, wraps its loader so that nybble's
+    PEFT dispatch (:mod:`nybble.integrations.peft`) is installed right after peft's own code
+    runs. nybble never imports peft itself: peft imports bitsandbytes, which prints warnings
+    (and costs seconds) on every import, and a user who never imports peft pays for neither."""
+
+    def find_spec(self, name, path, target=None):
+        if name != "peft":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)  # by the finders after this one
+        if spec is not None and spec.loader is not None:
+            spec.loader = _InstallAfter(spec.loader)
+        return spec
+
+
+class _InstallAfter(importlib.abc.Loader):
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        self.loader.exec_module(module)
+        install_peft_dispatch()
+
+
+def install_peft_dispatch() -> None:
+    """PEFT's LoRA over nybble layers: installed now when peft is imported already, else as
+    soon as it is (nybble does not import peft for it)."""
+    if "peft" in sys.modules and getattr(sys.modules["peft"], "LoraConfig", None) is not None:
+        from . import peft as _peft  # noqa: F401 - importing it installs the dispatch
+    elif importlib.util.find_spec("peft") is not None and not any(
+            isinstance(f, _AfterPeftImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterPeftImport())
 
 
 class NybbleConfig(QuantizationConfigMixin):
@@ -621,8 +661,7 @@ class NybbleHfQuantizer(HfQuantizer):
             model.is_loaded_in_4bit = four
             model.is_loaded_in_8bit = eight and not four
         model.is_nybble_quantized = True
-        if importlib.util.find_spec("peft") is not None:
-            from . import peft as _peft  # noqa: F401 - installs PEFT's dispatch of nybble layers
+        install_peft_dispatch()
         return model
 
     def is_serializable(self):

@@ -25,13 +25,27 @@ DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat1
 PARALLEL_BACKEND = _core.set_parallel_backend(os.environ.get("NYBBLE_PARALLEL", "").strip().lower() or "openmp")
 
 
+class _TensorMemory:
+    """The array interface of a contiguous 1-D CPU tensor, holding the tensor alive. Unlike
+    ``Tensor.numpy()`` it leaves the storage resizable: FSDP2 frees an all-gathered parameter
+    by resizing its storage to 0, which a storage numpy has seen refuses."""
+
+    def __init__(self, t: torch.Tensor, typestr: str):
+        self.tensor = t
+        self.__array_interface__ = {"data": (t.data_ptr(), False), "shape": (t.numel(),), "typestr": typestr,
+                                    "version": 3}
+
+
 def np_view(t: torch.Tensor) -> np.ndarray:
     """A zero-copy 1-D numpy view of a CPU tensor made contiguous (16-bit floats as uint16);
     for a contiguous tensor it shares its memory, so the core may write through it."""
     t = t.detach().contiguous().reshape(-1)
     if t.dtype in (torch.float16, torch.bfloat16):
-        return t.view(torch.int16).numpy().view(np.uint16)
-    return t.numpy()
+        t = t.view(torch.int16)
+        return np_view(t).view(np.uint16)
+    if t.numel() == 0 or t.dtype == torch.bool:
+        return t.numpy()
+    return np.asarray(_TensorMemory(t, np.dtype(str(t.dtype).removeprefix("torch.")).str))
 
 
 def _from_core(flat: np.ndarray, dtype: torch.dtype) -> torch.Tensor:

@@ -30,6 +30,12 @@ def _f32_bits(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(torch.float32).contiguous().view(torch.int32)
 
 
+def _version(t: torch.Tensor) -> int | None:
+    # In-place torch ops bump a tensor's version; inference tensors have no counter (they
+    # can be changed in place only inside inference mode).
+    return None if t.is_inference() else t._version
+
+
 def _decode_dtype(dtype: torch.dtype) -> torch.dtype:
     # 16/32-bit floats decode directly; others (float64) from the float32 decode.
     return dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
@@ -43,7 +49,13 @@ class Linear4bit(nn.Module):
     ``weight.quant_map``, ``weight.nested_absmax``, ``weight.nested_quant_map`` and
     ``weight.quant_state.bitsandbytes__nf4`` (JSON), so checkpoints written by
     transformers + bitsandbytes load directly.
+
+    With double quantization the float32 absmax is decoded once and cached
+    (:meth:`float_absmax`); the state dict still holds the bitsandbytes layout.
     """
+
+    #: Keep the decoded float32 absmax of a double-quantized weight between calls.
+    cache_absmax: bool = True
 
     def __init__(
         self,
@@ -83,6 +95,7 @@ class Linear4bit(nn.Module):
             self.register_buffer("absmax_bits", torch.zeros(nblocks, dtype=torch.int32, device=device))
             self.absmax_codes = self.nested_absmax_bits = self.nested_code_bits = self.offset_bits = None
         self.register_buffer("quant_map_bits", _f32_bits(torch.from_numpy(code_4bit(quant_type))).to(device))
+        self._absmax_cache = None
         self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
 
     # ------------------------------------------------------------------ building
@@ -135,6 +148,7 @@ class Linear4bit(nn.Module):
             raise ValueError(f"absmax must hold {math.ceil(n / self.blocksize)} values, got {absmax.numel()}")
         packed = packed.reshape(-1, 1).contiguous()
         absmax = absmax.reshape(-1).to(torch.float32)
+        self.invalidate_absmax_cache()
         self.weight = formats.packed_as_storage(packed, self.quant_storage).to(self.weight.device)
         if self.double_quant:
             codes, nested = kernels.double_quantize(absmax)
@@ -152,18 +166,55 @@ class Linear4bit(nn.Module):
         return self.weight.view(torch.uint8).reshape(-1, 1)
 
     def _absmax_args(self) -> tuple:
-        """(absmax or its DQ codes, nested_absmax, nested_code, offset): what the compute
-        path decodes per call. The offset stays a tensor on the module's device: no host sync."""
+        """(absmax or its DQ codes, nested_absmax, nested_code, offset): the stored constants,
+        as a compute path that decodes per call takes them (torch.compile traces that). The
+        offset stays a tensor on the module's device: no host sync."""
         if not self.double_quant:
             return self.absmax_bits.view(torch.float32), None, None, None
         return (self.absmax_codes, self.nested_absmax_bits.view(torch.float32),
                 self.nested_code_bits.view(torch.float32), self.offset_bits.view(torch.float32))
 
+    def _dq_sources(self) -> tuple:
+        return (self.absmax_codes, self.nested_absmax_bits, self.nested_code_bits, self.offset_bits)
+
+    def invalidate_absmax_cache(self) -> None:
+        """Drops the decoded absmax. Loading, ``set_weight`` / ``set_packed``, device / dtype
+        moves, reassigning a constant and in-place torch ops on one do this by themselves;
+        call it after writing the constants behind torch's back (``.data``, numpy views)."""
+        self._absmax_cache = None
+
+    def _cached_absmax(self) -> torch.Tensor | None:
+        """The cached float32 absmax decoded from the DQ constants, if it is still theirs: the
+        same tensors (``is``), unchanged since (version counters), the cache itself untouched,
+        and not an inference tensor outside inference mode (autograd could not save it)."""
+        cache = getattr(self, "_absmax_cache", None)
+        if cache is None:
+            return None
+        sources, versions, value, value_version = cache
+        current = self._dq_sources()
+        if any(a is not b for a, b in zip(sources, current)) or versions != tuple(map(_version, current)):
+            return None
+        if _version(value) != value_version or (value.is_inference() and not torch.is_inference_mode_enabled()):
+            return None
+        return value
+
     def float_absmax(self) -> torch.Tensor:
+        """The float32 absmax per block (1-D). With double quantization it is decoded once and
+        cached on the module (load-time work; 4 bytes per block, an eighth of the packed
+        weight's bytes at blocksize 64) until the constants change; ``cache_absmax = False``
+        (class or instance attribute) decodes per call instead, keeping only the 8-bit codes."""
         absmax, nested_absmax, nested_code, offset = self._absmax_args()
         if nested_absmax is None:
             return absmax
-        return kernels.decode_absmax(absmax, nested_absmax, nested_code, offset, 256)
+        value = self._cached_absmax()
+        if value is not None:
+            return value
+        with torch.no_grad():
+            value = kernels.decode_absmax(absmax, nested_absmax, nested_code, offset, 256)
+        if self.cache_absmax:
+            sources = self._dq_sources()
+            self._absmax_cache = (sources, tuple(map(_version, sources)), value, _version(value))
+        return value
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense (out, in) weight in ``dtype`` (default: the compute dtype). The module's W
@@ -183,7 +234,10 @@ class Linear4bit(nn.Module):
         if self.compute_dtype is not None:
             x = x.to(self.compute_dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        absmax, nested_absmax, nested_code, offset = self._absmax_args()
+        if torch.compiler.is_compiling():  # traced: the decode is one more op in the graph
+            absmax, nested_absmax, nested_code, offset = self._absmax_args()
+        else:  # eager: the absmax decoded once (load-time work), not per forward
+            absmax, nested_absmax, nested_code, offset = self.float_absmax(), None, None, None
         a = b = x_lora = None
         scale = 1.0
         if lora is not None:
@@ -210,6 +264,7 @@ class Linear4bit(nn.Module):
     def _apply(self, fn, recurse=True):
         # module.to(dtype) / .half() cast floating buffers; a bf16 / fp16 / fp32 quant_storage
         # holds packed codes, not numbers, so it moves (device) as its bytes and never casts.
+        self.invalidate_absmax_cache()  # decoded again, on the new device, when next needed
         storage = self.weight.dtype
         if storage == torch.uint8:
             return super()._apply(fn, recurse)
@@ -275,6 +330,7 @@ class Linear4bit(nn.Module):
             error_msgs.append(f"{prefix}weight: {err}")
             return
         dev = self.weight.device
+        self.invalidate_absmax_cache()
 
         def take(name):
             return state_dict[prefix + name].to(dev)

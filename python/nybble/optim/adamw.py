@@ -37,6 +37,11 @@ def _warn_no_managed_memory() -> None:
                       stacklevel=5)
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (FSDP2's sharded parameters and gradients), else ``t``."""
+    return t.to_local() if hasattr(t, "to_local") and hasattr(t, "placements") else t
+
+
 class AdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay) with fused steps.
 
@@ -131,7 +136,7 @@ class AdamW(torch.optim.Optimizer):
         # Check every gradient before touching any parameter, so a NaN / Inf leaves the
         # model and the optimizer state exactly as they were. One host sync for all of them.
         params = [p for g in self.param_groups for p in g["params"]]
-        grads = [(i, p.grad) for i, p in enumerate(params) if p.grad is not None and not p.grad.is_sparse]
+        grads = [(i, _local(p.grad)) for i, p in enumerate(params) if p.grad is not None and not p.grad.is_sparse]
         if grads:
             finite = [torch.isfinite(g).all() for _, g in grads]
             finite = torch.stack([f.to(finite[0].device) for f in finite])
@@ -155,10 +160,12 @@ class AdamW(torch.optim.Optimizer):
                 if p.dtype not in _CORE_DTYPE:
                     raise TypeError(f"parameter dtype {p.dtype} is not float32, float16 or bfloat16")
                 state = self.state[p]
+                # A sharded parameter (FSDP2's DTensor) steps on this rank's shard, the states too.
+                local = _local(p)
                 if not state:
-                    state.update(self._init_state(p))
+                    state.update(self._init_state(local))
                 state["step"] = int(state["step"]) + 1
-                self._update(p, p.grad, state, group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+                self._update(local, _local(p.grad), state, group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
         return loss
 
     def _update(self, p, g, state, lr, beta1, beta2, eps, wd) -> None:

@@ -46,6 +46,8 @@ class FinetuneConfig:
     max_steps: int | None = None
     max_length: int = 512
     gradient_checkpointing: bool = True
+    fsdp: bool = False  # under torchrun: FSDP2 shards of the packed base (nybble.train.fsdp), not DDP
+    fsdp_offload: bool = False  # FSDP2's CPU offload of the shards (with fsdp)
     dtype: str = "auto"
     device: str = "auto"
     save_steps: int = 0

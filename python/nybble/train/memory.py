@@ -28,12 +28,23 @@ def optimizer_bytes_per_param(optim_bits: int) -> float:
 
 
 def linear4bit_bytes(m: Linear4bit) -> int:
-    return sum(b.numel() * b.element_size() for b in m.buffers()) + (
+    return sum(b.numel() * b.element_size() for b in _packed_tensors(m)) + (
         m.bias.numel() * m.bias.element_size() if m.bias is not None else 0)
 
 
 def _tensor_bytes(ts) -> int:
     return sum(t.numel() * t.element_size() for t in ts)
+
+
+def _packed_tensors(m: nn.Module) -> list[torch.Tensor]:
+    """A quantized layer's weight and constants: its buffers, and the packed tensors FSDP
+    shards, which are frozen parameters there (nybble.train.fsdp.prepare_packed)."""
+    return [*m.buffers(), *(p for n, p in m.named_parameters(recurse=False) if n != "bias")]
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    # FSDP2's sharded parameters are DTensors: their local shard's memory.
+    return getattr(t, "_local_tensor", t).data_ptr()
 
 
 @dataclass
@@ -88,8 +99,8 @@ def measure(model: nn.Module, optimizer=None) -> MemoryReport:
         if isinstance(m, (Linear4bit, Linear8bitLt)):
             n = m.in_features * m.out_features
             r.base_quantized_params += n
-            r.base_quantized_bytes += _tensor_bytes(m.buffers())
-            seen.update(id(b) for b in m.buffers())
+            r.base_quantized_bytes += _tensor_bytes(_packed_tensors(m))
+            seen.update(id(b) for b in _packed_tensors(m))
             if m.bias is not None:
                 seen.add(id(m.bias))
                 r.base_other_params += m.bias.numel()
@@ -107,9 +118,9 @@ def measure(model: nn.Module, optimizer=None) -> MemoryReport:
                     r.grad_bytes += _tensor_bytes([p])
     ptrs: set[int] = set()
     for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) in seen or id(t) in lora_ids or t.data_ptr() in ptrs:
+        if id(t) in seen or id(t) in lora_ids or _storage_key(t) in ptrs:
             continue  # tied weights (embeddings / head) counted once
-        ptrs.add(t.data_ptr())
+        ptrs.add(_storage_key(t))
         r.base_other_params += t.numel() if t.is_floating_point() else 0
         r.base_other_bytes += _tensor_bytes([t])
     if optimizer is not None:

@@ -85,6 +85,9 @@ class FinetuneResult:
 # ---------------------------------------------------------------------- setup
 
 
+FSDP_NEEDS_PROCESSES = "--fsdp shards the model over processes: run it under torchrun with --nproc_per_node 2 or more"
+
+
 def dist_info() -> tuple[int, int, int]:
     """(rank, local_rank, world_size) from torchrun's environment."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -188,7 +191,8 @@ class CheckpointPaths:
 
     ``OUTPUT_DIR/checkpoint-NNNNNN/`` (NNNNNN: the optimizer steps done) holds the adapter in
     PEFT format and ``optimizer.pt`` (optimizer, schedule and gradient-scaler states), both
-    written by rank 0, one ``rng_rank{R}.pt`` per rank, and ``trainer_state.json`` (step, world
+    written by rank 0 (under FSDP one ``optimizer_rank{R}.pt`` per rank, the states of its
+    shards, and the adapter gathered first), one ``rng_rank{R}.pt`` per rank, and ``trainer_state.json`` (step, world
     size, config), written last by rank 0 through ``.trainer_state.json.tmp``: a folder
     without it (an interrupted save) is never taken for a checkpoint."""
 
@@ -212,6 +216,10 @@ class CheckpointPaths:
     @property
     def optimizer(self) -> Path:
         return self.folder / "optimizer.pt"
+
+    def optimizer_shard(self, rank: int) -> Path:
+        """A rank's optimizer states under FSDP (each rank holds the states of its shards)."""
+        return self.folder / f"optimizer_rank{rank}.pt"
 
     def rng(self, rank: int) -> Path:
         return self.folder / f"rng_rank{rank}.pt"
@@ -272,13 +280,16 @@ def save_checkpoint(path: Path | CheckpointPaths, model, optimizer, scheduler, s
         outputs.claim_folder(paths.folder, "finetune")
     _barrier(world)
     paths.folder.mkdir(parents=True, exist_ok=True)  # ranks on another node's own file system
-    if rank == 0:
-        save_adapter(model, paths.adapter, base_model_name_or_path=str(config.model_dir))
+    tensors = _gathered_adapter(model, config)
+    if rank == 0 or config.fsdp:
         opt_state = optimizer.state_dict()
         opt_state = {**opt_state, "state": {k: {kk: (vv.cpu() if torch.is_tensor(vv) else vv) for kk, vv in v.items()}
                                             for k, v in opt_state["state"].items()}}
         torch.save({"optimizer": opt_state, "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None}, paths.optimizer)
+                    "scaler": scaler.state_dict() if scaler is not None else None},
+                   paths.optimizer_shard(rank) if config.fsdp else paths.optimizer)
+    if rank == 0:
+        save_adapter(model, paths.adapter, base_model_name_or_path=str(config.model_dir), tensors=tensors)
     torch.save(_rng_state(), paths.rng(rank))
     _barrier(world)
     if rank == 0:
@@ -287,6 +298,16 @@ def save_checkpoint(path: Path | CheckpointPaths, model, optimizer, scheduler, s
         tmp = paths.trainer_state_tmp
         tmp.write_text(json.dumps({"step": step, "world_size": world, "config": asdict(config)}, indent=2) + "\n")
         os.replace(tmp, paths.trainer_state)
+
+
+def _gathered_adapter(model, config: FinetuneConfig):
+    """Under FSDP the adapter's shards gathered (every rank takes part), else None (rank 0
+    reads its own full copy)."""
+    if not config.fsdp:
+        return None
+    from .fsdp import full_adapter_state_dict
+
+    return full_adapter_state_dict(model)
 
 
 def _barrier(world: int) -> None:
@@ -323,7 +344,7 @@ def check_output_dir(config: FinetuneConfig) -> None:
 #: Settings a resumed run must share with its checkpoint: they fix the data order and
 #: position, and the shape of the adapters and optimizer states.
 RESUME_MUST_MATCH = ("model_dir", "data", "batch_size", "grad_accum", "seed", "max_length", "quant", "double_quant",
-                     "blocksize", "r", "alpha", "target_modules", "optim")
+                     "blocksize", "r", "alpha", "target_modules", "optim", "fsdp")
 
 
 def _check_resumable(ckpt: Path, saved: dict, config: FinetuneConfig) -> None:
@@ -569,6 +590,15 @@ class TrainingRun:
         model.to(self.device)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
+        if cfg.fsdp:
+            # Before the optimizer: fully_shard replaces the parameters by their shards.
+            from .fsdp import shard_model
+
+            if self.world < 2:
+                raise ValueError(FSDP_NEEDS_PROCESSES)
+            shard_model(model, offload=cfg.fsdp_offload)
+        elif cfg.fsdp_offload:
+            raise ValueError("--fsdp-offload needs --fsdp")
         self.model = model
         self.train_model = model  # the DDP wrapper under torchrun (_prepare_training)
 
@@ -600,8 +630,15 @@ class TrainingRun:
         if int(state["step"]) >= self.total_steps:
             raise ValueError(f"{ckpt} is at step {state['step']}, not before the last step {self.total_steps}: "
                              "nothing left to train (raise --max-steps or --epochs)")
-        load_adapter(self.model, paths.adapter)
-        saved = torch.load(paths.optimizer, map_location="cpu", weights_only=False)
+        if cfg.fsdp:
+            from .fsdp import loading_into_shards
+
+            with loading_into_shards():  # each rank keeps its slice of the adapter
+                load_adapter(self.model, paths.adapter)
+        else:
+            load_adapter(self.model, paths.adapter)
+        saved = torch.load(paths.optimizer_shard(self.rank) if cfg.fsdp else paths.optimizer, map_location="cpu",
+                           weights_only=False)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         _apply_hyperparameters(self.optimizer, self.scheduler, cfg, self.say)
@@ -615,13 +652,19 @@ class TrainingRun:
     # ------------------------------------------------------------------ training
 
     def _prepare_training(self) -> None:
-        if self.world > 1:
+        self._no_sync = contextlib.nullcontext
+        if self.config.fsdp:
+            from . import fsdp
+
+            self._no_sync = lambda: fsdp.no_sync(self.model)
+        elif self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             self.train_model = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False,  # the quantized weights are frozen buffers: nothing to sync
                 find_unused_parameters=False)
+            self._no_sync = self.train_model.no_sync
         self.model.train()
         self.result.memory = _memory.measure(self.model, None)
         if self.device.type == "cuda":
@@ -691,8 +734,8 @@ class TrainingRun:
         micro_batches = [{k: v.to(device) for k, v in next(stream).items()} for _ in range(cfg.grad_accum)]
         # The loss is the mean over every label token of the optimizer step (all
         # micro-batches, all ranks), as with one big batch: each micro-batch adds its
-        # summed token losses / the step's token count. DDP averages gradients over
-        # ranks, hence the factor world.
+        # summed token losses / the step's token count. DDP (and FSDP's reduce-scatter)
+        # averages gradients over ranks, hence the factor world.
         counts = torch.stack([_label_tokens(b["labels"]) for b in micro_batches]).sum()
         counts = torch.stack([counts, sum(b["attention_mask"].sum() for b in micro_batches)]).to(torch.float64)
         if world > 1:
@@ -701,7 +744,7 @@ class TrainingRun:
         step_loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for micro, batch in enumerate(micro_batches):
             sync = micro == cfg.grad_accum - 1 or world == 1
-            ctx = contextlib.nullcontext() if sync else train_model.no_sync()
+            ctx = contextlib.nullcontext() if sync else self._no_sync()
             meter = _memory.SavedTensorMeter(model) if step == self.start and micro == 0 else None
             with ctx:
                 with meter or contextlib.nullcontext():
@@ -719,7 +762,10 @@ class TrainingRun:
             scaler.unscale_(optimizer)
         # Clipping also yields the total gradient norm (identical on every rank after the
         # all-reduce), whose finiteness decides the step for all ranks alike.
-        total_norm = torch.nn.utils.clip_grad_norm_(
+        clip = torch.nn.utils.clip_grad_norm_
+        if cfg.fsdp:
+            from .fsdp import clip_grad_norm_ as clip
+        total_norm = clip(
             self.params, cfg.max_grad_norm if cfg.max_grad_norm and cfg.max_grad_norm > 0 else math.inf)
         lr_now = self.scheduler.get_last_lr()[0]
         finite_loss = bool(torch.isfinite(step_loss_sum))
@@ -774,10 +820,11 @@ class TrainingRun:
         out_dir = Path(self.config.output_dir)
         if self.config.save_steps:
             self.save_checkpoint(self.total_steps)
+        tensors = _gathered_adapter(self.model, self.config)
         if self.is_main:
             from ..model import save_adapter
 
-            save_adapter(self.model, out_dir, base_model_name_or_path=str(self.config.model_dir))
+            save_adapter(self.model, out_dir, base_model_name_or_path=str(self.config.model_dir), tensors=tensors)
             self.result.adapter_dir = str(out_dir)
         _barrier(self.world)
 
