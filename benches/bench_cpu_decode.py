@@ -180,7 +180,7 @@ def layer_table(args) -> list[dict]:
             with torch.no_grad():
                 t = interleaved(methods, args.reps, flush)
             row = {"shape": f"{out_f}x{in_f}", "m": m, "ms": {k: v * 1e3 for k, v in t.items()},
-                   "fused": m <= _cpu.FUSED_4BIT_MAX_M,
+                   "fused": m <= (_cpu.fused_4bit_max_m(torch.bfloat16) or m),
                    "gbs": kernel_bytes / t["nybble"] / 1e9, "module_gbs": module_bytes / t["module"] / 1e9}
             rows.append(row)
             print(format_row(row, args.bandwidth), flush=True)
@@ -282,7 +282,7 @@ def main(argv=None) -> dict:
     print(cpu_line())
     print(f"torch {torch.__version__}, {args.threads} threads, {args.reps} interleaved rounds, medians; "
           f"{'cold cache (64 MB read before each call)' if not args.no_flush else 'warm cache'}; "
-          f"nybble fused up to M = {_cpu.FUSED_4BIT_MAX_M}")
+          f"nybble fused (bf16 x) up to M = {_cpu.fused_4bit_max_m(torch.bfloat16)}")
     args.bandwidth = read_bandwidth(args.threads)
     print(f"read bandwidth (torch.sum of 1 GiB float32, {args.threads} threads): {args.bandwidth:.1f} GB/s\n")
     results: dict = {"cpu": cpu_line(), "threads": args.threads, "bandwidth_gbs": args.bandwidth}

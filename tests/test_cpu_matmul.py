@@ -194,6 +194,28 @@ def test_dispatch_uses_fused_up_to_the_threshold(gen, monkeypatch):
     assert calls == [1, limit]
 
 
+def test_fused_limit_follows_the_blas(gen, monkeypatch):
+    """bf16 x on a CPU whose BLAS has AMX-BF16 tiles switches to dequantize + BLAS sooner;
+    float16 x always takes the fused kernel; NYBBLE_FUSED_MAX_M overrides both."""
+    monkeypatch.delenv("NYBBLE_FUSED_MAX_M", raising=False)
+    assert isinstance(_cpu.cpu_flags(), frozenset)
+    monkeypatch.setattr(_cpu, "cpu_flags", lambda: frozenset({"avx512_bf16", "amx_bf16"}))
+    assert _cpu.fused_4bit_max_m(torch.bfloat16) == _cpu.FUSED_4BIT_MAX_M_AMX
+    assert _cpu.fused_4bit_max_m(torch.float32) == _cpu.FUSED_4BIT_MAX_M
+    assert _cpu.fused_4bit_max_m(torch.float16) is None
+    monkeypatch.setattr(_cpu, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    assert _cpu.fused_4bit_max_m(torch.bfloat16) == _cpu.FUSED_4BIT_MAX_M
+    packed, absmax = _quantized(gen, 24, 128, 64, "nf4", False)
+    x = torch.randn(_cpu.FUSED_4BIT_MAX_M_AMX + 1, 128, generator=gen).to(torch.bfloat16)
+    assert _cpu.fused_4bit_applies(x, packed)
+    monkeypatch.setenv("NYBBLE_FUSED_MAX_M", str(_cpu.FUSED_4BIT_MAX_M_AMX))
+    assert not _cpu.fused_4bit_applies(x, packed) and _cpu.fused_4bit_applies(x[:-1], packed)
+    assert not _cpu.fused_4bit_applies(x.to(torch.float16), packed)
+    monkeypatch.setenv("NYBBLE_FUSED_MAX_M", "many")
+    with pytest.raises(ValueError, match="NYBBLE_FUSED_MAX_M"):
+        _cpu.fused_4bit_applies(x, packed)
+
+
 def test_fused_grad_x_and_empty_inputs(gen):
     n, k = 10, 64
     packed, absmax = _quantized(gen, n, k, 64, "nf4", False)

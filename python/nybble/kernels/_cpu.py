@@ -6,6 +6,7 @@ Each function has the op's signature; ``ops`` registers them as the ``CPU`` kern
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -89,12 +90,43 @@ def quantize_4bit(w, blocksize, quant_type):
 #: Most rows of x (tokens) for which ``matmul_4bit`` runs the fused Rust kernel (codes decoded
 #: in registers, the packed weight read once); above it, dequantize to x's dtype + one BLAS
 #: call. Measured with benches/bench_cpu_decode.py --crossover (and CPU-time runs of the same
-#: calls) on the dev machine, AMD EPYC Zen 4 with AVX512-BF16, 2 threads, torch 2.15, NF4
-#: blocksize 64: bf16 x, fused / (dequantize + oneDNN bf16 GEMM) time = 0.51 at M=64, 0.66 at
-#: 128, 0.88-1.04 at 256, 0.93-1.0 at 384 (4096x4096 and 11008x4096); float32 x still
-#: 0.76-0.95 at 384. Float16 x always takes the fused kernel: torch's float16 CPU GEMM is
-#: 3.5-5x slower than it at every M measured (128-384).
+#: calls), 2 threads, torch 2.15, NF4 blocksize 64, 4096x4096 and 11008x4096:
+#: - AMD EPYC Zen 4 (AVX512-BF16, no AMX): bf16 x, fused / (dequantize + oneDNN bf16 GEMM)
+#:   time = 0.51 at M=64, 0.66 at 128, 0.88-1.04 at 256, 0.93-1.0 at 384; float32 x still
+#:   0.76-0.95 at 384. Hence 256.
+#: - Intel Xeon with AMX-BF16 (Sapphire Rapids class): oneDNN's bf16 GEMM runs on the AMX
+#:   tiles, and dequantize + BLAS wins from M = 48 (fused speed-up 2.2x at 16, 1.08-1.11x at
+#:   32, 0.70-0.81x at 48, 0.56-0.64x at 64): bf16 x there switches above FUSED_4BIT_MAX_M_AMX.
+#:   float32 x does not use AMX (no bf16 rounding allowed), so it keeps 256.
+#: Float16 x always takes the fused kernel: torch's float16 CPU GEMM is 3.5-5x slower than it
+#: at every M measured (128-384). ``NYBBLE_FUSED_MAX_M`` overrides the limit (every dtype).
 FUSED_4BIT_MAX_M = 256
+FUSED_4BIT_MAX_M_AMX = 32
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them (empty where /proc/cpuinfo is missing)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return frozenset(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration, IndexError):
+        return frozenset()
+
+
+def fused_4bit_max_m(dtype: torch.dtype) -> int | None:
+    """The most rows of x of ``dtype`` for which the fused kernel runs (None: every M)."""
+    override = os.environ.get("NYBBLE_FUSED_MAX_M", "").strip()
+    if override:
+        try:
+            return max(0, int(override))
+        except ValueError:
+            raise ValueError(f"NYBBLE_FUSED_MAX_M={override!r} is not an integer") from None
+    if dtype == torch.float16:
+        return None
+    if dtype == torch.bfloat16 and "amx_bf16" in cpu_flags():
+        return FUSED_4BIT_MAX_M_AMX
+    return FUSED_4BIT_MAX_M
 
 
 def _rows(x: torch.Tensor) -> int:
@@ -105,7 +137,8 @@ def fused_4bit_applies(x: torch.Tensor, packed: torch.Tensor) -> bool:
     """Whether ``matmul_4bit`` takes the fused kernel for this input (see FUSED_4BIT_MAX_M)."""
     if x.dtype not in DTYPE_NAMES or packed.dtype != torch.uint8:
         return False
-    return x.dtype == torch.float16 or _rows(x) <= FUSED_4BIT_MAX_M
+    limit = fused_4bit_max_m(x.dtype)
+    return limit is None or _rows(x) <= limit
 
 
 def matmul_4bit_fused(x, packed, absmax, shape, blocksize, quant_type, bias, simd: str | None = None):
