@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -367,3 +368,41 @@ def test_cli_fsdp_without_torchrun_fails_before_writing(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["finetune", "--example", "--fsdp", "-o", str(out), "--max-steps", "1"])
     assert result.exit_code == 2 and "torchrun" in result.output, result.output
     assert not out.exists()
+
+
+def test_ctrl_c_under_torchrun_fsdp_saves_one_step_every_rank_agrees_on(tmp_path):
+    """Ctrl-C in the terminal (SIGINT to the whole process group) during `nybble finetune
+    --fsdp` under torchrun: both ranks finish the same step, save it as one sharded
+    checkpoint (one optimizer shard per rank) and stop; --resume latest continues from it."""
+    import re
+    import signal
+    import time
+
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not on PATH")
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), "--no-python", "nybble",
+           "finetune", "--example", "--fsdp", "-o", str(out), "--max-steps", "2000", "--no-progress", "--log-every", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    lines, deadline = [], time.monotonic() + 240
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if sum(bool(re.match(r"step \d+/2000", x)) for x in lines) >= 3 or time.monotonic() > deadline:
+                break
+        os.killpg(proc.pid, signal.SIGINT)
+        rest, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = "".join(lines) + rest
+    steps = re.findall(r"interrupted after step (\d+) of 2000", text)
+    assert len(steps) == 2 and steps[0] == steps[1], text[-3000:]
+    ckpt = out / f"checkpoint-{int(steps[0]):06d}"
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("optimizer")) == [
+        "optimizer_rank0.pt", "optimizer_rank1.pt"], text[-2000:]
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["step"] == int(steps[0])
