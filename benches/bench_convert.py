@@ -10,6 +10,10 @@ Each side runs in its own child process, which reports its wall time and its pea
 because Linux carries the peak across fork + exec). The checkpoint is
 written first, so both sides read it from a warm page cache. nybble runs with --no-stats
 (the peer measures no error either).
+
+The `cp` rows copy the same input file on the same disk (page cache warm), once as `cp` alone
+and once followed by an fsync of the copy (`sync FILE`), since nybble fsyncs each shard before
+renaming it into place; "vs cp" is nybble's time over the copy's.
 """
 
 from __future__ import annotations
@@ -100,6 +104,17 @@ def run_side(code: str, src: Path, out: Path, threads: int) -> dict:
     return result
 
 
+def time_cp(src: Path, dst: Path, fsync: bool) -> float:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    subprocess.run(["cp", str(src), str(dst)], check=True)
+    if fsync:
+        subprocess.run(["sync", str(dst)], check=True)
+    dt = time.perf_counter() - t0
+    dst.unlink()
+    return dt
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=6, help="Llama-7B-shaped decoder layers (~0.4 GB each)")
@@ -123,14 +138,17 @@ def main() -> None:
         )
         size = (src / "model.safetensors").stat().st_size
         print(f"wrote {size / 1e9:.2f} GB checkpoint in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        cp = time_cp(src / "model.safetensors", root / "cp" / "model.safetensors", fsync=False)
         nyb = run_side(NYBBLE, src, root / "nybble", args.threads)
+        cp_sync = time_cp(src / "model.safetensors", root / "cp" / "model.safetensors", fsync=True)
         peer = run_side(PEER, src, root / "peer", args.threads)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
     cores = os.cpu_count()
+    load = os.getloadavg()[0]
     print(f"\ncheckpoint: {args.layers} Llama-7B-shaped layers, {size / 1e9:.2f} GB bf16, "
-          f"{nyb['quantized']} tensors quantized; {platform.processor() or platform.machine()}, {cores} cores\n")
+          f"{nyb['quantized']} tensors quantized; {platform.processor() or platform.machine()}, {cores} cores, load average {load:.2f}\n")
     print("| pipeline | time (s) | speedup | peak RSS (MB) | peak RSS / checkpoint | output (MB) |")
     print("|---|---:|---:|---:|---:|---:|")
     for label, r in [("nybble quantize (Rust, streaming)", nyb), ("safetensors + bitsandbytes CPU", peer)]:
@@ -139,6 +157,9 @@ def main() -> None:
             f"| {label} | {r['seconds']:.2f} | {peer['seconds'] / r['seconds']:.1f}x | {rss / 1e6:.0f} | "
             f"{rss / size:.3f} | {r['out_bytes'] / 1e6:.0f} |"
         )
+    print(f"\n| copy of the same input | time (s) | nybble / copy |\n|---|---:|---:|")
+    for label, t in [("`cp`", cp), ("`cp` + fsync of the copy", cp_sync)]:
+        print(f"| {label} | {t:.2f} | {nyb['seconds'] / t:.2f}x |")
 
 
 if __name__ == "__main__":

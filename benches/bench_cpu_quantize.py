@@ -4,15 +4,20 @@ measured in the same run on the same bfloat16 weights.
     python benches/bench_cpu_quantize.py [--threads 2] [--repeats 5] [--json out.json]
 
 Throughput is GB/s of bfloat16 weight (2 bytes per parameter) processed; the median of
-``--repeats`` interleaved runs is reported for each side.
+``--repeats`` interleaved runs is reported for each side. nybble runs at the SIMD level it
+detects (``NYBBLE_SIMD`` forces one); the ``memcpy`` row is a numpy copy of the same bf16
+bytes into a reused buffer, the machine's bandwidth bound in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
+
+import numpy as np
 
 import torch
 
@@ -32,6 +37,14 @@ def median_times(fns: dict, repeats: int) -> dict:
             fn()
             times[k].append(time.perf_counter() - t0)
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line for line in f if line.startswith("model name")).split(":", 1)[1].strip()
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -67,6 +80,11 @@ def main() -> None:
             return nybble.dequantize_4bit(qn, sn)
 
         buffer = torch.empty(shape, dtype=torch.bfloat16)
+        src_bytes = w.view(torch.int16).numpy()
+        copy_dst = np.empty_like(src_bytes)
+
+        def memcpy():
+            np.copyto(copy_dst, src_bytes)
 
         def nyb_dq_out():
             # A reused output buffer: no allocation, no first-touch page faults.
@@ -76,7 +94,7 @@ def main() -> None:
         assert torch.equal(qn, qb.reshape(qn.shape))
         t = median_times(
             {"bnb_quantize": bnb_q, "nybble_quantize": nyb_q, "bnb_dequantize": bnb_dq, "nybble_dequantize": nyb_dq,
-             "nybble_dequantize_out": nyb_dq_out},
+             "nybble_dequantize_out": nyb_dq_out, "memcpy": memcpy},
             args.repeats,
         )
         row = {"shape": list(shape), **{k + "_gbps": gb / v for k, v in t.items()}}
@@ -85,8 +103,9 @@ def main() -> None:
         row["dequantize_out_speedup"] = t["bnb_dequantize"] / t["nybble_dequantize_out"]
         rows.append(row)
 
-    print(f"# CPU: {platform.processor() or platform.machine()}, {args.threads} threads, "
-          f"torch {torch.__version__}, bitsandbytes {__import__('bitsandbytes').__version__}")
+    print(f"# CPU: {cpu_model()}, {args.threads} threads, nybble SIMD level {nybble._core.simd_level()}, "
+          f"torch {torch.__version__}, bitsandbytes {__import__('bitsandbytes').__version__}, "
+          f"load average {os.getloadavg()[0]:.2f}")
     print("| weight (bf16) | op | bitsandbytes GB/s | nybble GB/s | nybble / bnb |")
     print("|---|---|---:|---:|---:|")
     for r in rows:
@@ -94,6 +113,7 @@ def main() -> None:
         print(f"| {s} | NF4+DQ quantize | {r['bnb_quantize_gbps']:.3f} | {r['nybble_quantize_gbps']:.2f} | {r['quantize_speedup']:.1f}x |")
         print(f"| {s} | NF4+DQ dequantize | {r['bnb_dequantize_gbps']:.3f} | {r['nybble_dequantize_gbps']:.2f} | {r['dequantize_speedup']:.1f}x |")
         print(f"| {s} | NF4+DQ dequantize, `out=` buffer | {r['bnb_dequantize_gbps']:.3f} | {r['nybble_dequantize_out_gbps']:.2f} | {r['dequantize_out_speedup']:.1f}x |")
+        print(f"| {s} | memcpy of the bf16 bytes (bound) | | {r['memcpy_gbps']:.2f} | |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"threads": args.threads, "rows": rows}, f, indent=2)

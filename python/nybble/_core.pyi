@@ -35,7 +35,7 @@ def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...
 def max_threads() -> int: ...
 def quantize_4bit(
-    x: FloatArray, dtype: str, blocksize: int, quant_type: str, threads: int | None = None
+    x: FloatArray, dtype: str, blocksize: int, quant_type: str, threads: int | None = None, simd: str | None = None
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]: ...
 def dequantize_4bit(
     packed: npt.NDArray[np.uint8],
@@ -45,6 +45,7 @@ def dequantize_4bit(
     quant_type: str,
     out_dtype: str,
     threads: int | None = None,
+    simd: str | None = None,
 ) -> FloatArray: ...
 def dequantize_4bit_into(
     packed: npt.NDArray[np.uint8],
@@ -54,6 +55,7 @@ def dequantize_4bit_into(
     out: FloatArray,
     out_dtype: str,
     threads: int | None = None,
+    simd: str | None = None,
 ) -> None: ...
 
 # Fused CPU matmuls (codes decoded in registers, never a dense weight). ``simd`` forces a level
@@ -118,6 +120,7 @@ def dequantize_blockwise(
     blocksize: int,
     out_dtype: str,
     threads: int | None = None,
+    simd: str | None = None,
 ) -> FloatArray: ...
 def double_quantize(
     absmax: npt.NDArray[np.float32],

@@ -4,10 +4,18 @@
 //! [`Conversion::plan`] validates every input header, decides the output keys, shapes and
 //! shards up front (all of them follow from the input shapes), and [`Conversion::step`] then
 //! converts one input tensor per call, so a caller can report progress and stop between
-//! tensors. Memory stays bounded by about one tensor: input bytes are read with `pread` into
-//! one reused buffer (not touched through the memory map, whose pages would otherwise stay
-//! resident), and each output shard is streamed through a [`SafetensorsWriter`], which only
-//! renames its file into place once complete.
+//! tensors.
+//!
+//! Reading, quantizing and writing overlap, in bounded memory: a read-ahead thread `pread`s
+//! the input in chunks of [`CHUNK_BYTES`] (not through the memory map, whose pages would
+//! otherwise stay resident) into a few recycled buffers, one chunk ahead of the quantizer; a
+//! write-behind thread per output shard streams the pieces through a [`SafetensorsWriter`]
+//! (asking the kernel to write back as it goes, so the final fsync is short), which only
+//! renames its file into place once complete. Copied tensors and 4-bit tensors without error
+//! statistics stream chunk by chunk (block-aligned chunks quantize to the same bytes as the
+//! whole tensor); int8 tensors and 4-bit tensors with statistics are read whole into one
+//! reused tensor-sized buffer. A write error stops the conversion at the next tensor piece
+//! with the writer's own error, and the partial shard is deleted.
 //!
 //! The caller owns the output folder: write into a staging folder and rename it into place
 //! when [`Conversion::finish`] succeeds, so a failed run leaves nothing behind.
@@ -17,6 +25,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
+use std::sync::Mutex;
+use std::thread::JoinHandle;
 
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -472,9 +483,11 @@ pub struct Conversion {
     options: ConvertOptions,
     metadata: BTreeMap<String, String>,
     next: usize,
-    writer: Option<SafetensorsWriter>,
-    /// Reused input buffer; u64 storage keeps it aligned for every float type.
-    buffer: Vec<u64>,
+    /// The read-ahead and write-behind threads, started by the first step (a Mutex only so
+    /// that the conversion is `Sync`; it is only ever used through `&mut self`).
+    pipeline: Mutex<Option<Pipeline>>,
+    /// Set once a step failed: the threads' state no longer matches the plan.
+    failed: bool,
 }
 
 impl Conversion {
@@ -555,7 +568,6 @@ impl Conversion {
             .and_then(|f| f.metadata().cloned())
             .unwrap_or_default();
         metadata.insert("format".into(), "pt".into());
-        let max_in = tensors.iter().map(TensorPlan::in_bytes).max().unwrap_or(0);
         Ok(Self {
             inputs: files,
             handles,
@@ -565,8 +577,8 @@ impl Conversion {
             options,
             metadata,
             next: 0,
-            writer: None,
-            buffer: Vec::with_capacity(max_in.div_ceil(8)),
+            pipeline: Mutex::new(None),
+            failed: false,
         })
     }
 
@@ -586,20 +598,47 @@ impl Conversion {
 
     /// Converts the next input tensor; `None` once all are done.
     pub fn step(&mut self) -> Result<Option<TensorReport>> {
+        if self.failed {
+            return Err(Error::Io {
+                path: self.out_dir.clone(),
+                source: std::io::Error::other("an earlier step of this conversion failed"),
+            });
+        }
+        let result = self.step_inner();
+        if result.is_err() {
+            self.failed = true;
+            // Stop the threads now: the shard being written is deleted.
+            self.stop_pipeline();
+        }
+        result
+    }
+
+    fn step_inner(&mut self) -> Result<Option<TensorReport>> {
         let Some(plan) = self.tensors.get(self.next) else {
             return Ok(None);
         };
+        let pipe_slot = self.pipeline.get_mut().unwrap_or_else(|e| e.into_inner());
+        if pipe_slot.is_none() {
+            *pipe_slot = Some(Pipeline::start(
+                &self.inputs,
+                &self.handles,
+                &self.tensors,
+                &self.options,
+            )?);
+        }
+        let pipe = pipe_slot.as_mut().expect("started above");
         let shard = &self.shards[plan.shard];
-        if self.writer.is_none() {
+        if pipe.writer.is_none() {
             let declared = self.tensors[shard.tensors.clone()]
                 .iter()
                 .flat_map(|t| t.outputs.iter().cloned())
                 .collect();
-            self.writer = Some(SafetensorsWriter::create(
+            let writer = SafetensorsWriter::create(
                 &self.out_dir.join(&shard.file_name),
                 declared,
                 Some(self.metadata.clone()),
-            )?);
+            )?;
+            pipe.writer = Some(WriteBehind::start(writer, pipe.recycle.clone())?);
         }
         let input_path = self.inputs[plan.file].path().to_owned();
         let with_tensor = |source: Error| Error::Tensor {
@@ -607,23 +646,32 @@ impl Conversion {
             tensor: plan.name.clone(),
             source: Box::new(source),
         };
-        let bytes = read_tensor(
-            &self.inputs[plan.file],
-            &self.handles[plan.file],
-            &plan.name,
-            &mut self.buffer,
-        )?;
-        let writer = self.writer.as_mut().expect("opened above");
-        let stats = if plan.quantize {
-            let (outputs, stats) =
-                quantize_tensor(plan, bytes, &self.options).map_err(with_tensor)?;
-            for ((name, _, _), data) in plan.outputs.iter().zip(&outputs) {
-                writer.write_tensor(name, data)?;
+        let stats = match read_mode(plan, &self.options) {
+            ReadMode::Chunks(_) if !plan.quantize => {
+                for _ in 0..read_count(plan, &self.options) {
+                    let buf = pipe.next_read()?;
+                    pipe.write(&plan.name, Piece::Input(buf))?;
+                }
+                None
             }
-            stats
-        } else {
-            writer.write_tensor(&plan.name, bytes)?;
-            None
+            ReadMode::Chunks(chunk) => {
+                stream_4bit(pipe, plan, chunk, &self.options).map_err(|e| match e {
+                    // The writer's and the reader's own errors name their file already.
+                    e @ Error::Io { .. } => e,
+                    e => with_tensor(e),
+                })?;
+                None
+            }
+            ReadMode::Whole => {
+                let buf = pipe.next_read()?;
+                let quantized = quantize_tensor(plan, buf.bytes(), &self.options);
+                pipe.return_whole(buf);
+                let (outputs, stats) = quantized.map_err(with_tensor)?;
+                for ((name, _, _), data) in plan.outputs.iter().zip(outputs) {
+                    pipe.write(name, Piece::Owned(data))?;
+                }
+                stats
+            }
         };
         let report = TensorReport {
             name: plan.name.clone(),
@@ -635,9 +683,17 @@ impl Conversion {
         };
         self.next += 1;
         if self.next == shard.tensors.end {
-            self.writer.take().expect("opened above").finish()?;
+            pipe.writer.take().expect("opened above").finish()?;
         }
         Ok(Some(report))
+    }
+
+    /// Stops the read-ahead and write-behind threads; an unfinished shard is deleted.
+    fn stop_pipeline(&mut self) {
+        let slot = self.pipeline.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some(pipe) = slot.take() {
+            pipe.stop();
+        }
     }
 
     /// Converts whatever is left, then writes `model.safetensors.index.json` when the output
@@ -663,6 +719,456 @@ impl Conversion {
         }
         Ok(())
     }
+}
+
+impl Drop for Conversion {
+    fn drop(&mut self) {
+        self.stop_pipeline();
+    }
+}
+
+/// Input bytes per streamed chunk (a multiple of every blocksize's bytes).
+pub const CHUNK_BYTES: usize = 8 << 20;
+/// Chunk buffers the read-ahead thread cycles through: one being quantized or written, one
+/// read ahead, the rest queued for writing (copied tensors).
+const READ_BUFFERS: usize = 4;
+/// Pieces queued for the write-behind thread.
+const WRITE_QUEUE: usize = 3;
+/// Bytes appended to a shard between write-back hints.
+const WRITEBACK_BYTES: u64 = 32 << 20;
+
+/// A byte buffer with 8-byte-aligned storage (for every float type), reused between reads;
+/// growing it zeroes only the new part.
+struct Buf {
+    data: Vec<u64>,
+    len: usize,
+}
+
+impl Buf {
+    fn new() -> Self {
+        Self {
+            data: Vec::new(),
+            len: 0,
+        }
+    }
+
+    fn set_len(&mut self, len: usize) {
+        let words = len.div_ceil(8);
+        if self.data.len() < words {
+            self.data.resize(words, 0);
+        }
+        self.len = len;
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: u64 storage of at least `len` bytes.
+        unsafe { std::slice::from_raw_parts(self.data.as_ptr() as *const u8, self.len) }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, uniquely borrowed.
+        unsafe { std::slice::from_raw_parts_mut(self.data.as_mut_ptr() as *mut u8, self.len) }
+    }
+}
+
+/// How one input tensor is read.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum ReadMode {
+    /// In pieces of this many bytes (the last one shorter).
+    Chunks(usize),
+    /// At once, into the tensor-sized buffer.
+    Whole,
+}
+
+fn read_mode(plan: &TensorPlan, options: &ConvertOptions) -> ReadMode {
+    if !plan.quantize {
+        return ReadMode::Chunks(CHUNK_BYTES);
+    }
+    match options.method {
+        Method::FourBit(_) if !options.error_stats => {
+            // Whole blocks per chunk, so the chunks quantize as the tensor would.
+            let item = plan.info.dtype.size_bytes();
+            let per_chunk = (CHUNK_BYTES / item / options.blocksize).max(1) * options.blocksize;
+            ReadMode::Chunks(per_chunk * item)
+        }
+        _ => ReadMode::Whole,
+    }
+}
+
+/// Reads of one tensor (at least one, so an empty tensor still takes a turn).
+fn read_count(plan: &TensorPlan, options: &ConvertOptions) -> usize {
+    match read_mode(plan, options) {
+        ReadMode::Chunks(chunk) => plan.in_bytes().div_ceil(chunk).max(1),
+        ReadMode::Whole => 1,
+    }
+}
+
+/// One read of the plan: `len` bytes at `offset` of input `file`.
+#[derive(Clone, Copy, Debug)]
+struct ReadItem {
+    file: usize,
+    offset: u64,
+    len: usize,
+    whole: bool,
+}
+
+/// A piece of an output tensor handed to the write-behind thread; input and packed buffers
+/// go back to their pools once written.
+enum Piece {
+    Input(Buf),
+    Packed(Vec<u8>),
+    Owned(Cow<'static, [u8]>),
+}
+
+enum WriteMsg {
+    Write(String, Piece),
+    Finish,
+}
+
+/// The write-behind thread of one shard.
+struct WriteBehind {
+    tx: SyncSender<WriteMsg>,
+    handle: JoinHandle<Result<()>>,
+    packed_back: Receiver<Vec<u8>>,
+}
+
+impl WriteBehind {
+    fn start(writer: SafetensorsWriter, recycle: Sender<Buf>) -> Result<Self> {
+        let (tx, rx) = sync_channel::<WriteMsg>(WRITE_QUEUE);
+        let (packed_tx, packed_back) = channel::<Vec<u8>>();
+        let path = writer.path().to_owned();
+        let handle = std::thread::Builder::new()
+            .name("nybble-write".into())
+            .spawn(move || write_behind(writer, rx, recycle, packed_tx))
+            .map_err(|source| Error::Io { path, source })?;
+        Ok(Self {
+            tx,
+            handle,
+            packed_back,
+        })
+    }
+
+    /// The thread's result: its error if a write failed (or it panicked: re-raised here).
+    fn join(self) -> Result<()> {
+        let Self { tx, handle, .. } = self;
+        drop(tx);
+        match handle.join() {
+            Ok(result) => result,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+
+    /// Writes what is queued, then finishes the shard (fsync, rename into place).
+    fn finish(self) -> Result<()> {
+        if self.tx.send(WriteMsg::Finish).is_err() {
+            return self.join_failed();
+        }
+        self.join()
+    }
+
+    /// After a send failed: the thread stopped on an error, which this returns.
+    fn join_failed(self) -> Result<()> {
+        let path = PathBuf::new();
+        match self.join() {
+            Err(e) => Err(e),
+            Ok(()) => Err(Error::Io {
+                path,
+                source: std::io::Error::other("the shard writer stopped early"),
+            }),
+        }
+    }
+}
+
+/// The write-behind loop: appends each piece, hints write-back every [`WRITEBACK_BYTES`],
+/// finishes on [`WriteMsg::Finish`]. Returning early (an error, or the conversion dropped)
+/// drops the writer, which deletes its temporary file.
+fn write_behind(
+    mut writer: SafetensorsWriter,
+    rx: Receiver<WriteMsg>,
+    recycle: Sender<Buf>,
+    packed_back: Sender<Vec<u8>>,
+) -> Result<()> {
+    for msg in rx {
+        match msg {
+            WriteMsg::Write(name, piece) => {
+                let data: &[u8] = match &piece {
+                    Piece::Input(b) => b.bytes(),
+                    Piece::Packed(v) => v,
+                    Piece::Owned(c) => c,
+                };
+                writer.write_tensor_part(&name, data)?;
+                if writer.unsynced_bytes() >= WRITEBACK_BYTES {
+                    writer.start_writeback()?;
+                }
+                // The pools may be gone (the conversion is ending): then the buffer is freed.
+                match piece {
+                    Piece::Input(b) => drop(recycle.send(b)),
+                    Piece::Packed(v) => drop(packed_back.send(v)),
+                    Piece::Owned(_) => {}
+                }
+            }
+            WriteMsg::Finish => return writer.finish(),
+        }
+    }
+    Err(Error::Io {
+        path: writer.path().to_owned(),
+        source: std::io::Error::other("the conversion was abandoned"),
+    })
+}
+
+/// The read-ahead thread (over the whole plan) and the current shard's write-behind thread.
+struct Pipeline {
+    filled: Receiver<Result<Buf>>,
+    recycle: Sender<Buf>,
+    whole_back: Sender<Buf>,
+    reader: Option<JoinHandle<()>>,
+    writer: Option<WriteBehind>,
+    /// Packed-chunk buffers written and returned, for reuse.
+    packed_pool: Vec<Vec<u8>>,
+}
+
+impl Pipeline {
+    fn start(
+        inputs: &[SafetensorsFile],
+        handles: &[File],
+        tensors: &[TensorPlan],
+        options: &ConvertOptions,
+    ) -> Result<Self> {
+        let mut items = Vec::new();
+        for plan in tensors {
+            let file = &inputs[plan.file];
+            let info = file.info(&plan.name).expect("planned from this file");
+            // parse_header checked that data_start + end lies within the file.
+            let base = (file.header().data_start + info.data_offsets.0) as u64;
+            let len = plan.in_bytes();
+            match read_mode(plan, options) {
+                ReadMode::Whole => items.push(ReadItem {
+                    file: plan.file,
+                    offset: base,
+                    len,
+                    whole: true,
+                }),
+                ReadMode::Chunks(chunk) => {
+                    for k in 0..read_count(plan, options) {
+                        let start = k * chunk;
+                        items.push(ReadItem {
+                            file: plan.file,
+                            offset: base + start as u64,
+                            len: chunk.min(len - start),
+                            whole: false,
+                        });
+                    }
+                }
+            }
+        }
+        let mut files = Vec::with_capacity(handles.len());
+        for (h, f) in handles.iter().zip(inputs) {
+            let io_error = |source| Error::Io {
+                path: f.path().to_owned(),
+                source,
+            };
+            files.push((h.try_clone().map_err(io_error)?, f.path().to_owned()));
+        }
+        let (filled_tx, filled) = sync_channel::<Result<Buf>>(1);
+        let (recycle, recycle_rx) = channel::<Buf>();
+        let (whole_back, whole_rx) = channel::<Buf>();
+        let path = files.first().map(|f| f.1.clone()).unwrap_or_default();
+        let reader = std::thread::Builder::new()
+            .name("nybble-read".into())
+            .spawn(move || read_ahead(items, files, filled_tx, recycle_rx, whole_rx))
+            .map_err(|source| Error::Io { path, source })?;
+        Ok(Self {
+            filled,
+            recycle,
+            whole_back,
+            reader: Some(reader),
+            writer: None,
+            packed_pool: Vec::new(),
+        })
+    }
+
+    /// The next read of the plan, in order.
+    fn next_read(&mut self) -> Result<Buf> {
+        match self.filled.recv() {
+            Ok(result) => result,
+            Err(_) => Err(Error::Io {
+                path: PathBuf::new(),
+                source: std::io::Error::other("the input reader stopped early"),
+            }),
+        }
+    }
+
+    fn return_chunk(&self, buf: Buf) {
+        let _ = self.recycle.send(buf);
+    }
+
+    fn return_whole(&self, buf: Buf) {
+        let _ = self.whole_back.send(buf);
+    }
+
+    /// A buffer for `len` packed bytes, reused when one has come back from the writer.
+    fn packed_buffer(&mut self, len: usize) -> Vec<u8> {
+        if let Some(w) = &self.writer {
+            self.packed_pool.extend(w.packed_back.try_iter());
+        }
+        let mut v = self.packed_pool.pop().unwrap_or_default();
+        v.resize(len, 0);
+        v
+    }
+
+    /// Queues a piece for the shard writer; its error if it has stopped on one.
+    fn write(&mut self, name: &str, piece: Piece) -> Result<()> {
+        let w = self.writer.as_ref().expect("a shard writer is open");
+        if w.tx.send(WriteMsg::Write(name.to_owned(), piece)).is_ok() {
+            return Ok(());
+        }
+        self.writer.take().expect("checked above").join_failed()
+    }
+
+    /// Stops both threads: the shard writer abandons its file (deleted), the reader exits at
+    /// its next hand-over.
+    fn stop(mut self) {
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+        let Self {
+            filled,
+            recycle,
+            whole_back,
+            reader,
+            ..
+        } = self;
+        drop((filled, recycle, whole_back));
+        if let Some(r) = reader {
+            let _ = r.join();
+        }
+    }
+}
+
+/// The read-ahead loop: reads every item of the plan in order into a recycled buffer (the
+/// single tensor-sized one for whole reads) and hands it over; stops after an error or when
+/// the conversion stops listening.
+fn read_ahead(
+    items: Vec<ReadItem>,
+    files: Vec<(File, PathBuf)>,
+    filled: SyncSender<Result<Buf>>,
+    recycle: Receiver<Buf>,
+    whole_back: Receiver<Buf>,
+) {
+    let mut made = 0usize;
+    let mut whole = Some(Buf::new());
+    for item in items {
+        let next = if item.whole {
+            whole.take().or_else(|| whole_back.recv().ok())
+        } else if let Ok(b) = recycle.try_recv() {
+            Some(b)
+        } else if made < READ_BUFFERS {
+            made += 1;
+            Some(Buf::new())
+        } else {
+            recycle.recv().ok()
+        };
+        let Some(mut buf) = next else { return };
+        buf.set_len(item.len);
+        let (handle, path) = &files[item.file];
+        let result = handle
+            .read_exact_at(buf.bytes_mut(), item.offset)
+            .map(|()| buf)
+            .map_err(|source| Error::Io {
+                path: path.clone(),
+                source,
+            });
+        let failed = result.is_err();
+        if filled.send(result).is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// Streams one 4-bit tensor: each block-aligned chunk is quantized as it arrives and its
+/// packed bytes queued for writing; the block constants (double-quantized once all are
+/// known) follow.
+fn stream_4bit(
+    pipe: &mut Pipeline,
+    plan: &TensorPlan,
+    chunk_bytes: usize,
+    options: &ConvertOptions,
+) -> Result<()> {
+    let Method::FourBit(quant_type) = options.method else {
+        unreachable!("only 4-bit tensors stream")
+    };
+    let n = plan.info.num_elements();
+    let blocksize = options.blocksize;
+    let item = plan.info.dtype.size_bytes();
+    let chunk_elems = chunk_bytes / item;
+    let mut absmax = vec![0.0f32; num_blocks(n, blocksize)];
+    let weight = &plan.outputs[0].0;
+    for k in 0..read_count(plan, options) {
+        let buf = pipe.next_read()?;
+        let start = k * chunk_elems;
+        let len = buf.bytes().len() / item;
+        let mut packed = pipe.packed_buffer(packed_len(len));
+        let blocks = &mut absmax[start / blocksize..(start + len).div_ceil(blocksize)];
+        let bytes = buf.bytes();
+        let result = match plan.info.dtype.float_dtype() {
+            Some(FloatDtype::F32) => quantize_4bit_into::<f32>(
+                as_elements(bytes),
+                blocksize,
+                quant_type,
+                &mut packed,
+                blocks,
+            ),
+            Some(FloatDtype::F16) => quantize_4bit_into::<f16>(
+                as_elements(bytes),
+                blocksize,
+                quant_type,
+                &mut packed,
+                blocks,
+            ),
+            Some(FloatDtype::BF16) => quantize_4bit_into::<bf16>(
+                as_elements(bytes),
+                blocksize,
+                quant_type,
+                &mut packed,
+                blocks,
+            ),
+            None => Err(Error::UnknownDtype(plan.info.dtype.name().into())),
+        };
+        pipe.return_chunk(buf);
+        result.map_err(|e| match e {
+            // Indices of the whole tensor, not of the chunk.
+            Error::NonFinite { index, value } => Error::NonFinite {
+                index: index + start,
+                value,
+            },
+            e => e,
+        })?;
+        pipe.write(weight, Piece::Packed(packed))?;
+    }
+    let table = f32_bytes(quant_type.table());
+    let rest: Vec<Cow<'static, [u8]>> = if options.double_quant {
+        let code = dynamic_map(true);
+        let dq = double_quantize(&absmax, &code, NESTED_BLOCKSIZE)?;
+        let json = quant_state_json(quant_type, options, &plan.info, Some(dq.offset))?;
+        vec![
+            Cow::Owned(dq.codes),
+            Cow::Owned(table),
+            Cow::Owned(f32_bytes(&dq.nested_absmax)),
+            Cow::Owned(f32_bytes(&code)),
+            Cow::Owned(json.into_bytes()),
+        ]
+    } else {
+        let json = quant_state_json(quant_type, options, &plan.info, None)?;
+        vec![
+            Cow::Owned(f32_bytes(&absmax)),
+            Cow::Owned(table),
+            Cow::Owned(json.into_bytes()),
+        ]
+    };
+    for ((name, _, _), data) in plan.outputs[1..].iter().zip(rest) {
+        pipe.write(name, Piece::Owned(data))?;
+    }
+    Ok(())
 }
 
 /// Output keys, dtypes and shapes of one quantized tensor (bitsandbytes' serialization).
@@ -808,30 +1314,6 @@ fn assign_shards(tensors: &mut [TensorPlan], max_bytes: u64) -> Vec<Shard> {
             tensors,
         })
         .collect()
-}
-
-/// Reads one tensor's bytes with `pread` into `buffer` (reused between calls).
-fn read_tensor<'b>(
-    file: &SafetensorsFile,
-    handle: &File,
-    name: &str,
-    buffer: &'b mut Vec<u64>,
-) -> Result<&'b [u8]> {
-    let info = file.info(name).expect("planned from this file");
-    let len = info.num_bytes();
-    buffer.clear();
-    buffer.resize(len.div_ceil(8), 0);
-    // SAFETY: u64 storage reinterpreted as at least `len` bytes.
-    let bytes = unsafe { std::slice::from_raw_parts_mut(buffer.as_mut_ptr() as *mut u8, len) };
-    // parse_header checked that data_start + end lies within the file.
-    let offset = (file.header().data_start + info.data_offsets.0) as u64;
-    handle
-        .read_exact_at(bytes, offset)
-        .map_err(|source| Error::Io {
-            path: file.path().to_owned(),
-            source,
-        })?;
-    Ok(bytes)
 }
 
 // safetensors data is little-endian and is reinterpreted in place below.
@@ -1127,6 +1609,169 @@ mod tests {
         let parsed: Value = serde_json::from_slice(json).unwrap();
         assert_eq!(parsed["shape"], serde_json::json!([96, 40]));
         assert_eq!(parsed["dtype"], "bfloat16");
+    }
+
+    /// A checkpoint whose tensors span several chunks: an odd-sized bf16 weight (partial
+    /// last block, odd element count), an f32 weight, a copied tensor bigger than a chunk,
+    /// and an empty one.
+    type Tensors = Vec<(String, Dtype, Vec<usize>, Vec<u8>)>;
+
+    fn multi_chunk_checkpoint(dir: &Path) -> (PathBuf, Tensors) {
+        let input = dir.join("in.safetensors");
+        let mut s = 0x1234_5678u64;
+        let mut next = move || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
+        };
+        let (r, c) = (1031usize, 4097usize); // 2.1 chunks of bf16, odd n
+        let big: Vec<f32> = (0..r * c).map(|_| next()).collect();
+        let small: Vec<f32> = (0..2_200_001).map(|_| next()).collect(); // f32, 1.05 chunks
+        let copied: Vec<u8> = (0..CHUNK_BYTES * 2 + 999)
+            .map(|i| (i * 31 % 251) as u8)
+            .collect();
+        let tensors = vec![
+            (
+                "a.weight".to_owned(),
+                Dtype::BF16,
+                vec![r, c],
+                bf16_bytes(&big),
+            ),
+            ("e.bias".to_owned(), Dtype::F32, vec![0], vec![]),
+            ("c.ids".to_owned(), Dtype::U8, vec![copied.len()], copied),
+            (
+                "b.weight".to_owned(),
+                Dtype::F32,
+                vec![1, small.len()],
+                f32_bytes(&small),
+            ),
+        ];
+        let refs: Vec<(&str, Dtype, &[usize], &[u8])> = tensors
+            .iter()
+            .map(|(n, d, sh, b)| (n.as_str(), *d, sh.as_slice(), b.as_slice()))
+            .collect();
+        write_safetensors(&input, &refs, None).unwrap();
+        (input, tensors)
+    }
+
+    #[test]
+    fn streamed_chunks_write_the_bytes_of_whole_tensors() {
+        let dir = tempfile::tempdir().unwrap();
+        let (input, tensors) = multi_chunk_checkpoint(dir.path());
+        for (stats, dq, qt, bs) in [
+            (false, true, QuantType4::Nf4, 64),
+            (false, false, QuantType4::Fp4, 4096),
+            (false, true, QuantType4::Fp4, 32),
+            (true, true, QuantType4::Nf4, 128),
+        ] {
+            let out = dir.path().join(format!("out-{stats}-{dq}-{bs}"));
+            std::fs::create_dir(&out).unwrap();
+            let options = ConvertOptions {
+                method: Method::FourBit(qt),
+                blocksize: bs,
+                double_quant: dq,
+                error_stats: stats,
+                ..ConvertOptions::default()
+            };
+            let conv = Conversion::plan(
+                std::slice::from_ref(&input),
+                &is_default_quantizable,
+                &out,
+                options,
+            )
+            .unwrap();
+            conv.finish().unwrap();
+            let f = SafetensorsFile::open(&out.join(SINGLE_FILE)).unwrap();
+            for (name, dtype, _, bytes) in &tensors {
+                if !name.ends_with(".weight") {
+                    assert_eq!(f.data(name).unwrap(), &bytes[..], "{name}");
+                    continue;
+                }
+                let q = match dtype {
+                    Dtype::BF16 => {
+                        crate::blockwise::quantize_4bit::<bf16>(as_elements(bytes), bs, qt)
+                    }
+                    _ => crate::blockwise::quantize_4bit::<f32>(as_elements(bytes), bs, qt),
+                }
+                .unwrap();
+                assert_eq!(f.data(name).unwrap(), &q.packed[..], "{name} {options:?}");
+                let absmax = f.data(&format!("{name}.absmax")).unwrap();
+                if dq {
+                    let d =
+                        double_quantize(&q.absmax, &dynamic_map(true), NESTED_BLOCKSIZE).unwrap();
+                    assert_eq!(absmax, &d.codes[..]);
+                    let nested = f.data(&format!("{name}.nested_absmax")).unwrap();
+                    assert_eq!(nested, &f32_bytes(&d.nested_absmax)[..]);
+                } else {
+                    assert_eq!(absmax, &f32_bytes(&q.absmax)[..]);
+                }
+            }
+            // Nothing but the shard (no temporary files left behind).
+            assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1);
+        }
+    }
+
+    #[test]
+    fn streamed_non_finite_reports_the_tensor_index_and_leaves_no_shard() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.safetensors");
+        let n = CHUNK_BYTES / 2 * 2 + 100; // three chunks of bf16
+        let mut values = vec![0.25f32; n];
+        let at = CHUNK_BYTES / 2 + 12_345; // in the second chunk
+        values[at] = f32::INFINITY;
+        write_safetensors(
+            &input,
+            &[("l.weight", Dtype::BF16, &[1, n], &bf16_bytes(&values))],
+            None,
+        )
+        .unwrap();
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        let options = ConvertOptions {
+            error_stats: false,
+            ..ConvertOptions::default()
+        };
+        let mut conv = Conversion::plan(
+            std::slice::from_ref(&input),
+            &is_default_quantizable,
+            &out,
+            options,
+        )
+        .unwrap();
+        let err = conv.step().unwrap_err();
+        assert!(
+            matches!(err, Error::Tensor { ref source, .. } if matches!(**source, Error::NonFinite { index, .. } if index == at)),
+            "{err}"
+        );
+        // The threads are stopped and the partial shard deleted at once; a later step refuses.
+        assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
+        assert!(conv.step().is_err());
+        drop(conv);
+        assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn dropping_a_conversion_midway_deletes_the_partial_shard() {
+        let dir = tempfile::tempdir().unwrap();
+        let (input, _) = multi_chunk_checkpoint(dir.path());
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        let options = ConvertOptions {
+            error_stats: false,
+            ..ConvertOptions::default()
+        };
+        let mut conv = Conversion::plan(
+            std::slice::from_ref(&input),
+            &is_default_quantizable,
+            &out,
+            options,
+        )
+        .unwrap();
+        conv.step().unwrap().unwrap();
+        conv.step().unwrap().unwrap();
+        drop(conv);
+        assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
     }
 
     #[test]

@@ -1089,6 +1089,12 @@ pub struct SafetensorsWriter {
     path: PathBuf,
     plan: Vec<(String, usize)>,
     written: usize,
+    /// Bytes of tensor `written` already appended by [`write_tensor_part`](Self::write_tensor_part).
+    partial: usize,
+    /// File offset up to which [`start_writeback`](Self::start_writeback) has asked the
+    /// kernel to write the data out, and the offset of the next byte appended.
+    writeback_from: u64,
+    position: u64,
     /// Set after an I/O error: the temp file's contents are then unknown and must not be kept.
     poisoned: bool,
 }
@@ -1115,6 +1121,7 @@ impl SafetensorsWriter {
         let (temp, file) = create_temp(path).map_err(io_error)?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
         out.write_all(&header).map_err(io_error)?;
+        let position = header.len() as u64;
         let plan = tensors
             .into_iter()
             .zip(sizes)
@@ -1126,6 +1133,9 @@ impl SafetensorsWriter {
             path: path.to_owned(),
             plan,
             written: 0,
+            partial: 0,
+            writeback_from: 0,
+            position,
             poisoned: false,
         })
     }
@@ -1149,6 +1159,15 @@ impl SafetensorsWriter {
     /// exactly its size; on such a misuse nothing is written and the writer stays usable.
     pub fn write_tensor(&mut self, name: &str, data: &[u8]) -> Result<()> {
         self.check_healthy()?;
+        if self.partial > 0 {
+            // Only the rest of a tensor begun with write_tensor_part may follow.
+            let expected = self.plan[self.written].1 - self.partial;
+            return Err(self.misuse(FormatError::WriteSizeMismatch {
+                name: name.to_owned(),
+                expected,
+                got: data.len(),
+            }));
+        }
         let (expected_name, expected_size) = match self.plan.get(self.written) {
             Some((n, s)) => (n.as_str(), *s),
             None => {
@@ -1175,8 +1194,85 @@ impl SafetensorsWriter {
             self.poisoned = true;
             return Err(self.io_error(source));
         }
+        self.position += data.len() as u64;
         self.written += 1;
         Ok(())
+    }
+
+    /// Appends the next piece of the next declared tensor, so a tensor can be streamed
+    /// without ever holding all of it: the tensor counts as written once its pieces add up
+    /// to its size. `name` must be that tensor and the pieces must not overrun it; on such a
+    /// misuse nothing is written and the writer stays usable.
+    pub fn write_tensor_part(&mut self, name: &str, data: &[u8]) -> Result<()> {
+        self.check_healthy()?;
+        let (expected_name, size) = match self.plan.get(self.written) {
+            Some((n, s)) => (n.as_str(), *s),
+            None => {
+                return Err(self.misuse(FormatError::WriteTooMany {
+                    name: name.to_owned(),
+                    declared: self.plan.len(),
+                }))
+            }
+        };
+        if name != expected_name {
+            return Err(self.misuse(FormatError::WriteOutOfOrder {
+                expected: expected_name.to_owned(),
+                got: name.to_owned(),
+            }));
+        }
+        if data.len() > size - self.partial {
+            return Err(self.misuse(FormatError::WriteSizeMismatch {
+                name: name.to_owned(),
+                expected: size - self.partial,
+                got: data.len(),
+            }));
+        }
+        if let Err(source) = self.out.write_all(data) {
+            self.poisoned = true;
+            return Err(self.io_error(source));
+        }
+        self.position += data.len() as u64;
+        self.partial += data.len();
+        if self.partial == size {
+            self.partial = 0;
+            self.written += 1;
+        }
+        Ok(())
+    }
+
+    /// Asks the kernel to start writing out what has been appended since the last call
+    /// (Linux `sync_file_range(SYNC_FILE_RANGE_WRITE)`: it does not wait), so that the
+    /// fsync of [`finish`](Self::finish) finds little left to write. The buffered bytes are
+    /// flushed first (a failure there poisons the writer); the hint itself is best effort.
+    pub fn start_writeback(&mut self) -> Result<()> {
+        self.check_healthy()?;
+        if let Err(source) = self.out.flush() {
+            self.poisoned = true;
+            return Err(self.io_error(source));
+        }
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::io::AsRawFd;
+            let (from, to) = (self.writeback_from, self.position);
+            if to > from {
+                // SAFETY: a plain syscall on an open descriptor; errors are ignored (a hint).
+                unsafe {
+                    libc::sync_file_range(
+                        self.out.get_ref().as_raw_fd(),
+                        from as libc::off64_t,
+                        (to - from) as libc::off64_t,
+                        libc::SYNC_FILE_RANGE_WRITE,
+                    );
+                }
+            }
+        }
+        self.writeback_from = self.position;
+        Ok(())
+    }
+
+    /// Bytes appended since the last [`start_writeback`](Self::start_writeback).
+    pub fn unsynced_bytes(&self) -> u64 {
+        self.position - self.writeback_from
     }
 
     /// Checks every tensor was written, flushes and fsyncs the data, then atomically renames
@@ -1845,6 +1941,64 @@ mod tests {
         );
         assert_eq!(dir_entries(dir.path()), ["partial.safetensors"]);
         assert_eq!(fs::read(&path).unwrap(), b"keep me");
+    }
+
+    #[test]
+    fn write_tensor_part_streams_and_checks_its_pieces() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.safetensors");
+        let a: Vec<u8> = (0..40u8).collect();
+        let mut w = SafetensorsWriter::create(
+            &path,
+            vec![
+                ("a".into(), Dtype::U8, vec![40]),
+                ("z".into(), Dtype::U8, vec![0]),
+                ("b".into(), Dtype::U8, vec![2]),
+            ],
+            None,
+        )
+        .unwrap();
+        w.write_tensor_part("a", &a[..15]).unwrap();
+        // Misuse mid-tensor: another name, an overrun, a whole write; nothing is written.
+        assert!(matches!(
+            w.write_tensor_part("b", &[1]),
+            Err(Error::WriterMisuse { .. })
+        ));
+        assert!(matches!(
+            w.write_tensor_part("a", &a),
+            Err(Error::WriterMisuse { .. })
+        ));
+        assert!(matches!(
+            w.write_tensor("a", &a[15..]),
+            Err(Error::WriterMisuse { .. })
+        ));
+        w.write_tensor_part("a", &a[15..39]).unwrap();
+        w.start_writeback().unwrap();
+        w.write_tensor_part("a", &a[39..]).unwrap();
+        assert_eq!(w.next_tensor(), Some("z"));
+        w.write_tensor_part("z", &[]).unwrap();
+        w.write_tensor_part("b", &[7]).unwrap();
+        assert_eq!(w.unsynced_bytes(), 40 - 39 + 1);
+        let w = {
+            let e = SafetensorsWriter::create(
+                &dir.path().join("q"),
+                vec![("x".into(), Dtype::U8, vec![2])],
+                None,
+            )
+            .unwrap();
+            let mut e = e;
+            e.write_tensor_part("x", &[1]).unwrap();
+            // A tensor begun but not completed is missing at finish.
+            assert!(matches!(e.finish(), Err(Error::WriterMisuse { .. })));
+            w
+        };
+        let mut w = w;
+        w.write_tensor_part("b", &[8]).unwrap();
+        w.finish().unwrap();
+        let f = SafetensorsFile::open(&path).unwrap();
+        assert_eq!(f.data("a").unwrap(), &a[..]);
+        assert_eq!(f.data("b").unwrap(), &[7, 8]);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]

@@ -570,8 +570,10 @@ fn vec_out<'py, T: numpy::Element>(py: Python<'py>, v: Vec<T>) -> Bound<'py, PyA
 // ---------------------------------------------------------------- 4-bit
 
 /// Block-wise 4-bit quantization. Returns (packed uint8 ((n+1)//2,), absmax float32 (nblocks,)).
+/// `simd`: the SIMD level (as for the fused matmuls: `NYBBLE_SIMD`, else detected); every
+/// level writes the same bytes.
 #[pyfunction]
-#[pyo3(signature = (x, dtype, blocksize, quant_type, threads=None))]
+#[pyo3(signature = (x, dtype, blocksize, quant_type, threads=None, simd=None))]
 fn quantize_4bit<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
@@ -579,8 +581,10 @@ fn quantize_4bit<'py>(
     blocksize: usize,
     quant_type: &str,
     threads: Option<usize>,
+    simd: Option<&str>,
 ) -> PyResult<(Bound<'py, PyArray1<u8>>, Bound<'py, PyArray1<f32>>)> {
     let qt = QuantType4::parse(quant_type).map_err(to_py_err)?;
+    let level = fused_simd_level(simd)?;
     let input = float_in(x, dtype)?;
     nybble_core::error::check_blocksize(blocksize).map_err(to_py_err)?;
     let n = match &input {
@@ -594,7 +598,7 @@ fn quantize_4bit<'py>(
         let mut a = absmax.readwrite();
         let (ps, as_) = (p.as_slice_mut()?, a.as_slice_mut()?);
         with_floats!(input, |s| run(py, threads, || {
-            blockwise::quantize_4bit_into(s, blocksize, qt, ps, as_)
+            blockwise::quantize_4bit_into_with(s, blocksize, qt, ps, as_, level)
         })?);
     }
     Ok((packed, absmax))
@@ -602,7 +606,7 @@ fn quantize_4bit<'py>(
 
 /// Block-wise 4-bit dequantization of `n` elements into `out_dtype` (16-bit types as uint16 bits).
 #[pyfunction]
-#[pyo3(signature = (packed, absmax, n, blocksize, quant_type, out_dtype, threads=None))]
+#[pyo3(signature = (packed, absmax, n, blocksize, quant_type, out_dtype, threads=None, simd=None))]
 #[allow(clippy::too_many_arguments)]
 fn dequantize_4bit<'py>(
     py: Python<'py>,
@@ -613,8 +617,10 @@ fn dequantize_4bit<'py>(
     quant_type: &str,
     out_dtype: &str,
     threads: Option<usize>,
+    simd: Option<&str>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let qt = QuantType4::parse(quant_type).map_err(to_py_err)?;
+    let level = fused_simd_level(simd)?;
     contiguous(&packed, "packed")?;
     contiguous(&absmax, "absmax")?;
     let (p, a) = (packed.as_slice()?, absmax.as_slice()?);
@@ -622,8 +628,8 @@ fn dequantize_4bit<'py>(
     // (a file), and n=10**12 on a 4-byte input must be an error, not a 4 TB allocation.
     blockwise::check_4bit_sizes(n, blocksize, p.len(), a.len()).map_err(to_py_err)?;
     float_out(py, n, out_dtype, threads, |out| {
-        with_out!(out, |o| blockwise::dequantize_4bit_into(
-            p, a, blocksize, qt, o
+        with_out!(out, |o| blockwise::dequantize_4bit_into_with(
+            p, a, blocksize, qt, o, level
         ))
     })
 }
@@ -632,7 +638,7 @@ fn dequantize_4bit<'py>(
 /// float16 / bfloat16 named by `out_dtype`); `out`'s length is the element count. Lets a
 /// caller reuse a buffer (or hand in torch-allocated memory) instead of a fresh allocation.
 #[pyfunction]
-#[pyo3(signature = (packed, absmax, blocksize, quant_type, out, out_dtype, threads=None))]
+#[pyo3(signature = (packed, absmax, blocksize, quant_type, out, out_dtype, threads=None, simd=None))]
 #[allow(clippy::too_many_arguments)]
 fn dequantize_4bit_into<'py>(
     py: Python<'py>,
@@ -643,8 +649,10 @@ fn dequantize_4bit_into<'py>(
     out: &Bound<'py, PyAny>,
     out_dtype: &str,
     threads: Option<usize>,
+    simd: Option<&str>,
 ) -> PyResult<()> {
     let qt = QuantType4::parse(quant_type).map_err(to_py_err)?;
+    let level = fused_simd_level(simd)?;
     contiguous(&packed, "packed")?;
     contiguous(&absmax, "absmax")?;
     let (p, a) = (packed.as_slice()?, absmax.as_slice()?);
@@ -653,19 +661,19 @@ fn dequantize_4bit_into<'py>(
         FloatInOut::F32(o) => {
             let o = o.as_slice_mut()?;
             run(py, threads, || {
-                blockwise::dequantize_4bit_into(p, a, blocksize, qt, o)
+                blockwise::dequantize_4bit_into_with(p, a, blocksize, qt, o, level)
             })
         }
         FloatInOut::Bits16(o, FloatDtype::F16) => {
             let o: &mut [f16] = u16_as_mut(o.as_slice_mut()?);
             run(py, threads, || {
-                blockwise::dequantize_4bit_into(p, a, blocksize, qt, o)
+                blockwise::dequantize_4bit_into_with(p, a, blocksize, qt, o, level)
             })
         }
         FloatInOut::Bits16(o, _) => {
             let o: &mut [bf16] = u16_as_mut(o.as_slice_mut()?);
             run(py, threads, || {
-                blockwise::dequantize_4bit_into(p, a, blocksize, qt, o)
+                blockwise::dequantize_4bit_into_with(p, a, blocksize, qt, o, level)
             })
         }
     }
