@@ -216,6 +216,31 @@ def test_fused_limit_follows_the_blas(gen, monkeypatch):
         _cpu.fused_4bit_applies(x, packed)
 
 
+def test_bf16_x_takes_the_f32_kernel_where_bf16_dot_products_are_slow(gen, monkeypatch):
+    levels = []
+    real = _core.matmul_4bit
+
+    def spy(*args):
+        levels.append(args[-1])
+        return real(*args[:-1], None)  # whatever this machine has
+
+    monkeypatch.setattr(_core, "matmul_4bit", spy)
+    monkeypatch.delenv("NYBBLE_SIMD", raising=False)
+    assert isinstance(_cpu._bf16_dot_is_slow(), bool)
+    packed, absmax = _quantized(gen, 24, 128, 64, "nf4", False)
+    for slow in (True, False):
+        monkeypatch.setattr(_cpu, "_bf16_dot_is_slow", lambda slow=slow: slow)
+        for m, dtype in ((4, torch.bfloat16), (1, torch.bfloat16), (4, torch.float32)):
+            x = torch.randn(m, 128, generator=gen).to(dtype)
+            y = _cpu.matmul_4bit_fused(x, packed, absmax, (24, 128), 64, "nf4", None)
+            _check_4bit(y, x, packed, absmax, (24, 128), 64, "nf4", None, f"m={m} {dtype}")
+    assert levels == ["avx512_vnni", None, None, None, None, None]
+    monkeypatch.setenv("NYBBLE_SIMD", "portable")
+    monkeypatch.setattr(_cpu, "_bf16_dot_is_slow", lambda: True)
+    _cpu.matmul_4bit_fused(torch.randn(4, 128).bfloat16(), packed, absmax, (24, 128), 64, "nf4", None)
+    assert levels[-1] is None  # NYBBLE_SIMD decides
+
+
 def test_fused_grad_x_and_empty_inputs(gen):
     n, k = 10, 64
     packed, absmax = _quantized(gen, n, k, 64, "nf4", False)

@@ -27,9 +27,11 @@ PARALLEL_BACKEND = _core.set_parallel_backend(os.environ.get("NYBBLE_PARALLEL", 
 
 
 class _TensorMemory:
-    """The array interface of a contiguous 1-D CPU tensor, holding the tensor alive. Unlike
+    """The array interface of a contiguous CPU tensor's memory, holding the tensor alive. Unlike
     ``Tensor.numpy()`` it leaves the storage resizable: FSDP2 frees an all-gathered parameter
     by resizing its storage to 0, which a storage numpy has seen refuses."""
+
+    __slots__ = ("tensor", "__array_interface__")
 
     def __init__(self, t: torch.Tensor, typestr: str):
         self.tensor = t
@@ -37,16 +39,26 @@ class _TensorMemory:
                                     "version": 3}
 
 
+#: numpy's type string for each tensor dtype np_view hands over (16-bit floats as their uint16
+#: bits: numpy has no bfloat16, and the core takes the dtype by name).
+_TYPESTRS = {dtype: np.dtype(np_type).str for dtype, np_type in (
+    (torch.float32, np.float32), (torch.float64, np.float64), (torch.float16, np.uint16),
+    (torch.bfloat16, np.uint16), (torch.uint8, np.uint8), (torch.int8, np.int8), (torch.int16, np.int16),
+    (torch.int32, np.int32), (torch.int64, np.int64))}
+
+
 def np_view(t: torch.Tensor) -> np.ndarray:
     """A zero-copy 1-D numpy view of a CPU tensor made contiguous (16-bit floats as uint16);
-    for a contiguous tensor it shares its memory, so the core may write through it."""
-    t = t.detach().contiguous().reshape(-1)
-    if t.dtype in (torch.float16, torch.bfloat16):
-        t = t.view(torch.int16)
-        return np_view(t).view(np.uint16)
-    if t.numel() == 0 or t.dtype == torch.bool:
-        return t.numpy()
-    return np.asarray(_TensorMemory(t, np.dtype(str(t.dtype).removeprefix("torch.")).str))
+    for a contiguous tensor it shares its memory, so the core may write through it. (Called
+    several times per layer per token at decode: kept to a dict lookup and one array.)"""
+    t = t.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    typestr = _TYPESTRS.get(t.dtype)
+    if typestr is None or t.numel() == 0:  # bool and the like, empty tensors: numpy's own view
+        flat = t.reshape(-1)
+        return flat.view(torch.int16).numpy().view(np.uint16) if typestr == "<u2" else flat.numpy()
+    return np.asarray(_TensorMemory(t, typestr))
 
 
 def _from_core(flat: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
@@ -141,13 +153,34 @@ def fused_4bit_applies(x: torch.Tensor, packed: torch.Tensor) -> bool:
     return limit is None or _rows(x) <= limit
 
 
+@functools.lru_cache(maxsize=1)
+def _bf16_dot_is_slow() -> bool:
+    """Whether the f32-FMA kernel beats the ``vdpbf16ps`` one for bf16 x at M >= 2: on Intel
+    CPUs with AMX-BF16 (Sapphire Rapids and later) ``vdpbf16ps`` zmm issues every ~2 cycles
+    against 2 FMAs per cycle. Measured there (4096x4096 NF4, 2 threads, cold cache): the f32
+    kernel is 1.2-1.5x faster at M = 2..32 and equal at M = 1; on AMD Zen 4 (no AMX) the bf16
+    kernel was the faster one."""
+    return "amx_bf16" in cpu_flags() and _core.simd_level(None) == "avx512_bf16"
+
+
+def _default_simd(x: torch.Tensor) -> str | None:
+    """The level the fused 4-bit kernel runs at when the caller forces none (None: the core's
+    choice, ``NYBBLE_SIMD`` else the best level)."""
+    if x.dtype == torch.bfloat16 and _rows(x) > 1 and not os.environ.get("NYBBLE_SIMD") and _bf16_dot_is_slow():
+        return "avx512_vnni"  # the AVX-512 f32-FMA kernel (the level below avx512_bf16)
+    return None
+
+
 def matmul_4bit_fused(x, packed, absmax, shape, blocksize, quant_type, bias, simd: str | None = None):
     """``x @ W^T (+ bias)`` by the fused Rust kernel (x float32 / float16 / bfloat16, any number
     of rows), the output in x's dtype. The bias is rounded to x's dtype first, as the dense
-    path adds it. ``simd`` forces a level (default: ``NYBBLE_SIMD``, else the best)."""
+    path adds it. ``simd`` forces a level (default: ``NYBBLE_SIMD``, else the best for x:
+    :func:`_default_simd`)."""
     n_out, n_in = int(shape[0]), int(shape[1])
     if x.shape[-1] != n_in:
         raise ValueError(f"x has {x.shape[-1]} features, the weight {n_in}")
+    if simd is None:
+        simd = _default_simd(x)
     out = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype)
     b = None if bias is None else np_view(bias.detach().to(x.dtype).float())
     _core.matmul_4bit(np_view(x), DTYPE_NAMES[x.dtype], _rows(x), np_view(packed), np_view(absmax.float()), n_out,
