@@ -193,3 +193,28 @@ def test_fused_lora_equals_unfused_for_any_activation_and_compute_dtype(gen, act
     for got, expected in zip(*results):
         assert got.dtype == expected.dtype
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_eager_cpu_inference_skips_the_dispatcher_with_the_same_result(monkeypatch):
+    """Under no_grad (decode), a CPU Linear4bit calls the op's registered CPU kernel directly;
+    the result is the Function + dispatcher path's bit for bit, and anything autograd records,
+    a compile trace or NYBBLE_KERNELS=torch still goes through the Function and the ops."""
+    torch.manual_seed(0)
+    layer = Linear4bit(256, 96, bias=True, compute_dtype=torch.bfloat16)
+    layer.set_weight(torch.randn(96, 256))
+    applied = []
+    real_apply = kernels.Linear4bitFunction.apply
+    monkeypatch.setattr(kernels.Linear4bitFunction, "apply", lambda *a: applied.append(1) or real_apply(*a))
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        fast = layer(x)
+    assert applied == []
+    slow = layer(x.clone().requires_grad_(True))
+    assert applied == [1]
+    assert torch.equal(fast, slow.detach())
+    monkeypatch.setenv("NYBBLE_KERNELS", "torch")
+    with torch.no_grad():
+        ref = layer(x)
+    assert applied == [1, 1]
+    torch.testing.assert_close(ref.float(), fast.float(), rtol=2e-2, atol=0.125)  # bf16 rounding of ~10s
+    assert set(ops.CPU_KERNELS) == set(ops.OPS) and ops.cpu_kernel("matmul_4bit") is ops.CPU_KERNELS["matmul_4bit"]

@@ -33,6 +33,7 @@ BACKEND_KEYS = ("CPU", "CUDA", "CompositeExplicitAutograd")
 
 #: The ops by short name (``torch.ops.nybble.<name>``).
 OPS: dict[str, torch.library.CustomOpDef] = {}
+CPU_KERNELS: dict[str, Callable] = {}
 
 
 def use_reference() -> bool:
@@ -60,6 +61,13 @@ def _register(op: torch.library.CustomOpDef, cpu: Callable, cuda: Callable, refe
     op.register_kernel("cpu", pick(cpu))
     op.register_kernel("cuda", pick(cuda))
     OPS[op._name.split("::")[-1]] = op
+    CPU_KERNELS[op._name.split("::")[-1]] = cpu
+
+
+def cpu_kernel(name: str) -> Callable:
+    """The CPU implementation registered for ``nybble::name`` (what the dispatcher calls for CPU
+    tensors unless NYBBLE_KERNELS=torch), for eager callers that skip the dispatcher."""
+    return CPU_KERNELS[name]
 
 
 def _nblocks(n, blocksize: int):
