@@ -66,3 +66,18 @@ def has_cuda() -> bool:
     except ImportError:
         return False
     return torch.cuda.is_available()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny random Llama (hidden 64, 2 layers) with the example's WordPiece tokenizer, saved
+    once per session (skips without torch / transformers / the offline tokenizer)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from nybble.train import example
+
+    try:
+        example.tokenizer_dir()
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    return example.build_model_dir(tmp_path_factory.mktemp("tiny") / "llama", hidden=64, layers=2)

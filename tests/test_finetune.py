@@ -24,15 +24,6 @@ from nybble.train.trainer import FinetuneConfig, finetune  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    try:
-        example.tokenizer_dir()
-    except RuntimeError as e:
-        pytest.skip(str(e))
-    return example.build_model_dir(tmp_path_factory.mktemp("tiny") / "llama", hidden=64, layers=2)
-
-
-@pytest.fixture(scope="session")
 def tokenizer(tiny_model):
     from transformers import AutoTokenizer
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,6 +19,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
+
+from test_ddp import _gloo_port  # noqa: E402
 
 from nybble.train import example, fsdp  # noqa: E402
 from nybble.train.config import FinetuneConfig  # noqa: E402
@@ -193,22 +194,10 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def _free_port() -> int:
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    try:
-        example.tokenizer_dir()
-    except RuntimeError as e:
-        pytest.skip(str(e))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
     """The 2-process run (rank results, output folder) and the 1-process grad-accum-2 reference."""
-    port = _free_port()
+    port = _gloo_port()
     tmp = tmp_path_factory.mktemp("fsdp")
     model_dir = example.build_model_dir(tmp / "llama", hidden=64, layers=2)
     data = example.make_dataset(tmp / "train.jsonl", n=64)
@@ -383,7 +372,7 @@ def test_ctrl_c_under_torchrun_fsdp_saves_one_step_every_rank_agrees_on(tmp_path
         pytest.skip("torchrun is not on PATH")
     out = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), "--no-python", "nybble",
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(_gloo_port()), "--no-python", "nybble",
            "finetune", "--example", "--fsdp", "-o", str(out), "--max-steps", "2000", "--no-progress", "--log-every", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)

@@ -27,12 +27,8 @@ PROMPT = "2 plus 3 is"
 
 
 @pytest.fixture(scope="module")
-def dense(tmp_path_factory):
-    try:
-        example.tokenizer_dir()
-    except RuntimeError as e:
-        pytest.skip(str(e))
-    return example.build_model_dir(tmp_path_factory.mktemp("gen") / "llama", hidden=64, layers=2)
+def dense(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,8 @@ from typing import TextIO
 
 import torch
 
+from .train.data import bos_id, eos_id
+
 #: ``--dtype`` names.
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
@@ -181,17 +183,9 @@ def load_tokenizer(path: str | os.PathLike):
 # ---------------------------------------------------------------------- tokens
 
 
-def _special(tokenizer, *names) -> int | None:
-    for n in names:
-        v = getattr(tokenizer, n, None)
-        if v is not None:
-            return int(v)
-    return None
-
-
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
     """BOS (or CLS) + the prompt's tokens: the prompt part of ``nybble finetune``'s examples."""
-    bos = _special(tokenizer, "bos_token_id", "cls_token_id")
+    bos = bos_id(tokenizer)
     ids = ([] if bos is None else [bos]) + list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     if not ids:
         raise GenerateError("the prompt is empty and the tokenizer has no BOS token to start from")
@@ -202,7 +196,7 @@ def stop_ids(tokenizer, model) -> list[int]:
     """The tokens generation stops at: the tokenizer's EOS (or SEP, what the trainer appends)
     and the model's ``eos_token_id`` (one or a list); empty when neither has one."""
     ids = []
-    tok = _special(tokenizer, "eos_token_id", "sep_token_id")
+    tok = eos_id(tokenizer)
     if tok is not None:
         ids.append(tok)
     gen = getattr(model, "generation_config", None)
@@ -251,8 +245,8 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, greedy: bo
     ids = prompt_ids(tokenizer, prompt)
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)
     stops = [] if ignore_eos else stop_ids(tokenizer, model)
-    pad = _special(tokenizer, "pad_token_id")
-    pad = pad if pad is not None else (stops[0] if stops else 0)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = int(pad) if pad is not None else (stops[0] if stops else 0)
     streamer = _Streamer(tokenizer, out if out is not None else sys.stdout)
     kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens if ignore_eos else 0,
                   streamer=streamer.text, use_cache=True, eos_token_id=stops or None, pad_token_id=pad)

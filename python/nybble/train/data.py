@@ -72,6 +72,16 @@ def _special(tokenizer, *names) -> int | None:
     return None
 
 
+def bos_id(tokenizer) -> int | None:
+    """The token every example starts with: BOS, else CLS (a BERT tokenizer), else none."""
+    return _special(tokenizer, "bos_token_id", "cls_token_id")
+
+
+def eos_id(tokenizer) -> int | None:
+    """The token every example ends with: EOS, else SEP, else none."""
+    return _special(tokenizer, "eos_token_id", "sep_token_id")
+
+
 def tokenize(records: list[dict], tokenizer, max_length: int = 512) -> list[Example]:
     """Token ids (BOS + text + EOS) and labels; prompt tokens get label -100.
 
@@ -79,8 +89,7 @@ def tokenize(records: list[dict], tokenizer, max_length: int = 512) -> list[Exam
     response keeps priority and the prompt loses its oldest tokens, so the example still
     has tokens to learn from. Examples left with nothing to learn are dropped; if all are,
     that is an error."""
-    bos = _special(tokenizer, "bos_token_id", "cls_token_id")
-    eos = _special(tokenizer, "eos_token_id", "sep_token_id")
+    bos, eos = bos_id(tokenizer), eos_id(tokenizer)
     head = [bos] if bos is not None else []
     tail = [eos] if eos is not None else []
     budget = max_length - len(head) - len(tail)
