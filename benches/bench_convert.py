@@ -157,7 +157,7 @@ def main() -> None:
             f"| {label} | {r['seconds']:.2f} | {peer['seconds'] / r['seconds']:.1f}x | {rss / 1e6:.0f} | "
             f"{rss / size:.3f} | {r['out_bytes'] / 1e6:.0f} |"
         )
-    print(f"\n| copy of the same input | time (s) | nybble / copy |\n|---|---:|---:|")
+    print("\n| copy of the same input | time (s) | nybble / copy |\n|---|---:|---:|")
     for label, t in [("`cp`", cp), ("`cp` + fsync of the copy", cp_sync)]:
         print(f"| {label} | {t:.2f} | {nyb['seconds'] / t:.2f}x |")
 

@@ -35,40 +35,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
-from _common import cpu_bf16_features
+from _common import cpu_line
 
 import nybble
 from nybble import _core, kernels
 from nybble.kernels import _cpu
-
-SIMD_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16",
-              "avx512vbmi", "amx_bf16", "asimd", "sve")
-
-
-def cpu_line() -> str:
-    model, flags = platform.processor() or "unknown CPU", []
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-        for line in text.splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-        flag_line = next(line for line in text.splitlines() if line.startswith(("flags", "Features")))
-        have = set(flag_line.split(":", 1)[1].split())
-        flags = [f for f in SIMD_FLAGS if f in have]
-    except (OSError, StopIteration):
-        pass
-    return (f"CPU: {model}, {os.cpu_count()} logical CPUs; SIMD flags: {' '.join(flags) or 'unknown'}; "
-            f"{cpu_bf16_features()}; nybble SIMD levels: {', '.join(_core.simd_levels())} "
-            f"(default {_core.simd_level()})")
-
 
 class Flusher:
     """Reads a buffer larger than the last-level cache (evicting the weights)."""

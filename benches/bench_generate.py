@@ -154,7 +154,7 @@ def main(argv=None) -> dict:
         return worker(args.worker, args.model, args.threads, args.prompt_tokens, args.new_tokens)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.path.insert(0, str(Path(__file__).parent))
-    from bench_cpu_decode import cpu_line
+    from _common import cpu_line
 
     methods = [m.strip() for m in args.methods.split(",")]
     unknown = set(methods) - set(METHODS)

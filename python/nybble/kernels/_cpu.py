@@ -121,7 +121,8 @@ def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags as Linux lists them (empty where /proc/cpuinfo is missing)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return frozenset(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+            # "flags" on x86, "Features" on arm64
+            return frozenset(next(line for line in f if line.startswith(("flags", "Features"))).split(":", 1)[1].split())
     except (OSError, StopIteration, IndexError):
         return frozenset()
 
