@@ -597,6 +597,10 @@ mod x86 {
         spans: Spans<'a>,
         /// `spans.count() * NT` tables, span-major (LUT kernels only).
         luts: *const Lut,
+        /// Where the next tile's packed bytes start (rows are contiguous): the kernels
+        /// prefetch it while this tile runs, as the hardware prefetchers stop at each 4 KB
+        /// page and a tile's short row streams keep them from ramping up.
+        next: *const u8,
     }
 
     /// Scratch a task reuses for every tile.
@@ -677,6 +681,7 @@ mod x86 {
             scales,
             spans,
             luts: std::ptr::null(),
+            next: rows[0].wrapping_add(nt * c.k / 2),
         }
     }
 
@@ -704,6 +709,18 @@ mod x86 {
                 _ => unreachable!("tiles have 1 to 8 rows of x"),
             }
         };
+    }
+
+    /// Prefetches (into L2) the part of the next tile that matches step `k` of this one: a
+    /// step reads `NT * 16` bytes of the tile, the next tile is as long and starts where it
+    /// ends. Prefetches never fault, so the last tile's reach past the matrix is harmless.
+    #[inline(always)]
+    unsafe fn prefetch_next<const NT: usize>(t: &Tile, k: usize) {
+        let p = t.next.wrapping_add(k * NT / 2);
+        _mm_prefetch::<_MM_HINT_T1>(p.cast());
+        if NT > 4 {
+            _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(64).cast());
+        }
     }
 
     /// Rows of W per tile for one row of x, and for several.
@@ -772,6 +789,7 @@ mod x86 {
             let mut blk = [_mm512_setzero_ps(); NT];
             let mut k = k0;
             while k < k1 {
+                prefetch_next::<NT>(t, k);
                 let xe = _mm512_loadu_ps(x.add(k));
                 let xo = _mm512_loadu_ps(x.add(k + 16));
                 for r in 0..NT {
@@ -813,6 +831,7 @@ mod x86 {
             lut = lut.add(NT);
             let mut k = k0;
             while k < k1 {
+                prefetch_next::<NT>(t, k);
                 let mut we = [_mm512_setzero_ps(); NT];
                 let mut wo = [_mm512_setzero_ps(); NT];
                 for r in 0..NT {
@@ -909,6 +928,7 @@ mod x86 {
             lut = lut.add(NT);
             let mut k = k0;
             while k < k1 {
+                prefetch_next::<NT>(t, k);
                 let mut wv = [_mm512_setzero_si512(); NT];
                 for r in 0..NT {
                     // Word 2i: the high nibble (element 2i); word 2i+1: the low nibble. `vpermw`
@@ -1016,6 +1036,7 @@ mod x86 {
             let mut blk = [_mm256_setzero_ps(); NT];
             let mut k = k0;
             while k < k1 {
+                prefetch_next::<NT>(t, k);
                 let xe = _mm256_loadu_ps(x.add(k));
                 let xo = _mm256_loadu_ps(x.add(k + 8));
                 for r in 0..NT {
@@ -1063,6 +1084,7 @@ mod x86 {
             lut = lut.add(NT);
             let mut k = k0;
             while k < k1 {
+                prefetch_next::<NT>(t, k);
                 let mut we = [_mm256_setzero_ps(); NT];
                 let mut wo = [_mm256_setzero_ps(); NT];
                 for r in 0..NT {
@@ -1150,6 +1172,7 @@ mod x86 {
             let mut blk = [_mm256_setzero_ps(); NT];
             let mut k = k0;
             while k < k1 {
+                prefetch_next::<NT>(t, k);
                 for r in 0..NT {
                     let v =
                         _mm256_broadcastsi128_si256(_mm_loadu_si128(t.rows[r].add(k / 2).cast()));
