@@ -106,6 +106,11 @@ def test_fused_4bit_against_float64(gen, level, quant_type, double_quant):
         (33, 5, 200, 256),  # K % 32 != 0
         (64, 19, 512, 1024),
         (64, 3, 2080, 2048),
+        # whole blocks per row, K % 32 == 0: the AMX tile kernel (bf16 x, M >= 5) where present,
+        # x in 1 to 5 groups of 16 rows, W rows past a 64-row pass
+        (6, 70, 256, 64),
+        (20, 40, 128, 32),
+        (70, 33, 512, 128),
     ]
     for m, n, k, bs in cases:
         packed, absmax = _quantized(gen, n, k, bs, quant_type, double_quant)
@@ -120,8 +125,8 @@ def test_fused_4bit_against_float64(gen, level, quant_type, double_quant):
 @pytest.mark.parametrize("blocksize", [32, 64, 128, 256, 512, 1024, 2048, 4096])
 def test_every_blocksize_every_level(gen, blocksize):
     for level in LEVELS:
-        for m in (1, 4, 12):
-            n, k = 21, blocksize + 96  # K not a multiple of the blocksize
+        for m, k in ((1, blocksize + 96), (4, blocksize + 96), (12, blocksize + 96), (12, 2 * blocksize)):
+            n = 21  # K = blocksize + 96: not a multiple of the blocksize; 2 * blocksize: whole blocks
             packed, absmax = _quantized(gen, n, k, blocksize, "nf4", False)
             x = torch.randn(m, k, generator=gen).bfloat16()
             got = _cpu.matmul_4bit_fused(x, packed, absmax, [n, k], blocksize, "nf4", None, simd=level)
@@ -195,11 +200,16 @@ def test_dispatch_uses_fused_up_to_the_threshold(gen, monkeypatch):
 
 
 def test_fused_limit_follows_the_blas(gen, monkeypatch):
-    """bf16 x on a CPU whose BLAS has AMX-BF16 tiles switches to dequantize + BLAS sooner;
+    """bf16 x on a CPU whose BLAS has AMX-BF16 tiles that nybble's kernel may not use switches
+    to dequantize + BLAS sooner; with the tiles (the amx_bf16 level) the fused limit stays;
     float16 x always takes the fused kernel; NYBBLE_FUSED_MAX_M overrides both."""
     monkeypatch.delenv("NYBBLE_FUSED_MAX_M", raising=False)
     assert isinstance(_cpu.cpu_flags(), frozenset)
+    assert _cpu._amx_tiles() == ("amx_bf16" in _core.simd_levels())
     monkeypatch.setattr(_cpu, "cpu_flags", lambda: frozenset({"avx512_bf16", "amx_bf16"}))
+    monkeypatch.setattr(_cpu, "_amx_tiles", lambda: True)
+    assert _cpu.fused_4bit_max_m(torch.bfloat16) == _cpu.FUSED_4BIT_MAX_M
+    monkeypatch.setattr(_cpu, "_amx_tiles", lambda: False)
     assert _cpu.fused_4bit_max_m(torch.bfloat16) == _cpu.FUSED_4BIT_MAX_M_AMX
     assert _cpu.fused_4bit_max_m(torch.float32) == _cpu.FUSED_4BIT_MAX_M
     assert _cpu.fused_4bit_max_m(torch.float16) is None

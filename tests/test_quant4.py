@@ -287,7 +287,7 @@ def test_simd_level_forced_by_environment(rng, monkeypatch):
         out = torch.empty_like(want)
         nybble.dequantize_4bit(p, s, out=out)
         assert torch.equal(out.view(torch.int16), want.view(torch.int16))
-    missing = [lv for lv in ("avx2", "avx512", "avx512_vnni", "avx512_bf16") if lv not in SIMD_LEVELS]
+    missing = [lv for lv in ("avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx_bf16") if lv not in SIMD_LEVELS]
     if missing:
         monkeypatch.setenv("NYBBLE_SIMD", missing[0])
         with pytest.raises(Exception, match="SIMD|simd"):

@@ -59,7 +59,7 @@ def dequantize_4bit_into(
 ) -> None: ...
 
 # Fused CPU matmuls (codes decoded in registers, never a dense weight). ``simd`` forces a level
-# ("portable", "avx2", "avx512", "avx512_vnni", "avx512_bf16", or "auto"); None reads the
+# ("portable", "avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx_bf16" or "auto"); None reads the
 # NYBBLE_SIMD environment variable at each call, else uses the best level of this CPU. An
 # unknown or unavailable level is a ValueError (``.requested``, ``.available``).
 

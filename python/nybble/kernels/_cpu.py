@@ -106,9 +106,12 @@ def quantize_4bit(w, blocksize, quant_type):
 #: - AMD EPYC Zen 4 (AVX512-BF16, no AMX): bf16 x, fused / (dequantize + oneDNN bf16 GEMM)
 #:   time = 0.51 at M=64, 0.66 at 128, 0.88-1.04 at 256, 0.93-1.0 at 384; float32 x still
 #:   0.76-0.95 at 384. Hence 256.
-#: - Intel Xeon with AMX-BF16 (Sapphire Rapids class): oneDNN's bf16 GEMM runs on the AMX
-#:   tiles, and dequantize + BLAS wins from M = 48 (fused speed-up 2.2x at 16, 1.08-1.11x at
-#:   32, 0.70-0.81x at 48, 0.56-0.64x at 64): bf16 x there switches above FUSED_4BIT_MAX_M_AMX.
+#: - Intel Xeon with AMX-BF16 (Sapphire Rapids class), nybble's ``amx_bf16`` level: bf16 x
+#:   from 5 rows runs nybble's own AMX tile kernel, against dequantize + oneDNN's AMX GEMM
+#:   (4096x4096): 7x faster at 16-64 rows, 5.2x at 128, 1.4x at 256, 0.87x at 512. Hence 256.
+#: - The same CPU without the tiles granted to the process (no ``amx_bf16`` level; oneDNN may
+#:   still use them): dequantize + BLAS wins from M = 48 (fused speed-up 2.2x at 16,
+#:   1.08-1.11x at 32, 0.70-0.81x at 48): bf16 x there switches above FUSED_4BIT_MAX_M_AMX.
 #:   float32 x does not use AMX (no bf16 rounding allowed), so it keeps 256.
 #: Float16 x always takes the fused kernel: torch's float16 CPU GEMM is 3.5-5x slower than it
 #: at every M measured (128-384). ``NYBBLE_FUSED_MAX_M`` overrides the limit (every dtype).
@@ -137,9 +140,15 @@ def fused_4bit_max_m(dtype: torch.dtype) -> int | None:
             raise ValueError(f"NYBBLE_FUSED_MAX_M={override!r} is not an integer") from None
     if dtype == torch.float16:
         return None
-    if dtype == torch.bfloat16 and "amx_bf16" in cpu_flags():
+    if dtype == torch.bfloat16 and "amx_bf16" in cpu_flags() and not _amx_tiles():
         return FUSED_4BIT_MAX_M_AMX
     return FUSED_4BIT_MAX_M
+
+
+def _amx_tiles() -> bool:
+    """Whether the core runs its AMX tile kernel here (the ``amx_bf16`` level: the CPU has
+    the tiles and the OS grants them to this process)."""
+    return "amx_bf16" in _core.simd_levels()
 
 
 def _rows(x: torch.Tensor) -> int:
@@ -160,7 +169,8 @@ def _bf16_dot_is_slow() -> bool:
     CPUs with AMX-BF16 (Sapphire Rapids and later) ``vdpbf16ps`` zmm issues every ~2 cycles
     against 2 FMAs per cycle. Measured there (4096x4096 NF4, 2 threads, cold cache): the f32
     kernel is 1.2-1.5x faster at M = 2..32 and equal at M = 1; on AMD Zen 4 (no AMX) the bf16
-    kernel was the faster one."""
+    kernel was the faster one. Where the tiles are granted the best level is ``amx_bf16``,
+    whose own choice (the tile kernel from 5 rows, else the f32 one) already does this."""
     return "amx_bf16" in cpu_flags() and _core.simd_level(None) == "avx512_bf16"
 
 

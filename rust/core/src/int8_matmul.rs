@@ -74,7 +74,7 @@ pub fn kernel_for(level: SimdLevel) -> Kernel8 {
         SimdLevel::Portable => Kernel8::Portable,
         SimdLevel::Avx2 => Kernel8::Avx2Madd,
         SimdLevel::Avx512 => Kernel8::Avx512Madd,
-        SimdLevel::Avx512Vnni | SimdLevel::Avx512Bf16 => Kernel8::Avx512Vnni,
+        SimdLevel::Avx512Vnni | SimdLevel::Avx512Bf16 | SimdLevel::AmxBf16 => Kernel8::Avx512Vnni,
     }
 }
 

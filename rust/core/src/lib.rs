@@ -8,7 +8,7 @@
 //! - [`convert`]: streaming whole-checkpoint conversion to packed bitsandbytes layouts.
 //! - [`optim`]: fused AdamW steps with 32-bit or 8-bit block-wise states.
 //! - [`matmul`], [`int8_matmul`]: fused CPU matmuls with packed 4-bit / LLM.int8() weights,
-//!   on the SIMD level of [`simd`] chosen at run time.
+//!   on the SIMD level of [`simd`] chosen at run time (`matmul_amx`: the AMX-BF16 tile kernel).
 //! - [`stats`]: error statistics between two tensors.
 
 pub mod blockwise;
@@ -23,6 +23,8 @@ pub mod gptq;
 pub mod int8;
 pub mod int8_matmul;
 pub mod matmul;
+#[cfg(target_arch = "x86_64")]
+pub mod matmul_amx;
 pub mod optim;
 pub mod parallel;
 pub mod safetensors;

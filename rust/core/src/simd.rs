@@ -20,16 +20,20 @@ pub enum SimdLevel {
     Avx512Vnni,
     /// [`SimdLevel::Avx512Vnni`] + AVX512-BF16 (`vdpbf16ps` bf16 dot products).
     Avx512Bf16,
+    /// [`SimdLevel::Avx512Bf16`] + AMX-BF16 tiles granted by the OS (Intel Sapphire Rapids and
+    /// later, Linux): bf16 x with several rows runs the tile kernel of `matmul_amx`.
+    AmxBf16,
 }
 
 impl SimdLevel {
     /// Every level, lowest first.
-    pub const ALL: [SimdLevel; 5] = [
+    pub const ALL: [SimdLevel; 6] = [
         SimdLevel::Portable,
         SimdLevel::Avx2,
         SimdLevel::Avx512,
         SimdLevel::Avx512Vnni,
         SimdLevel::Avx512Bf16,
+        SimdLevel::AmxBf16,
     ];
 
     /// The name [`SimdLevel::parse`] reads (and `NYBBLE_SIMD` takes).
@@ -40,6 +44,7 @@ impl SimdLevel {
             SimdLevel::Avx512 => "avx512",
             SimdLevel::Avx512Vnni => "avx512_vnni",
             SimdLevel::Avx512Bf16 => "avx512_bf16",
+            SimdLevel::AmxBf16 => "amx_bf16",
         }
     }
 
@@ -68,6 +73,10 @@ impl SimdLevel {
             #[cfg(target_arch = "x86_64")]
             SimdLevel::Avx512Bf16 => {
                 SimdLevel::Avx512Vnni.is_available() && std::is_x86_feature_detected!("avx512bf16")
+            }
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::AmxBf16 => {
+                SimdLevel::Avx512Bf16.is_available() && crate::matmul_amx::usable()
             }
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
