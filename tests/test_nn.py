@@ -99,20 +99,24 @@ def test_linear4bit_decodes_double_quantized_absmax_once_and_the_fused_kernel_ge
     q = Linear4bit.from_linear(make_linear(rng, 96, 40), compute_dtype=torch.float32)
     calls = _count_absmax_decodes(monkeypatch)
     fused_absmax = []
-    original_fused = _cpu.matmul_4bit_fused
+    original_fused = _cpu.matmul_4bit_views  # what every CPU fused call runs
 
     def fused_spy(x, packed, absmax, *args, **kwargs):
         fused_absmax.append(absmax)
         return original_fused(x, packed, absmax, *args, **kwargs)
 
-    monkeypatch.setattr(_cpu, "matmul_4bit_fused", fused_spy)
+    monkeypatch.setattr(_cpu, "matmul_4bit_views", fused_spy)
     x = torch.randn(3, 96)
     ys = [q(x) for _ in range(4)]
-    assert len(calls) == 1 and len(fused_absmax) == 4
-    assert all(a is fused_absmax[0] for a in fused_absmax)  # the cached tensor itself, float32
-    assert fused_absmax[0].dtype == torch.float32 and fused_absmax[0].numel() == 96 * 40 // 64
+    with torch.no_grad():  # the module's own eager CPU path, straight to the kernel
+        ys += [q(x) for _ in range(2)]
+    assert len(calls) == 1 and len(fused_absmax) == 6
+    cached = q.float_absmax()
+    # The cached float32 tensor's memory itself, every call.
+    assert all(a.__array_interface__["data"][0] == cached.data_ptr() for a in fused_absmax)
+    assert fused_absmax[0].dtype == np.float32 and fused_absmax[0].size == 96 * 40 // 64
     reference_absmax = nybble.kernels.decode_absmax(*q._absmax_args())
-    assert torch.equal(fused_absmax[0], reference_absmax)
+    assert torch.equal(torch.from_numpy(fused_absmax[0]), reference_absmax)
     assert all(torch.equal(y, ys[0]) for y in ys)
     # The state dict still holds bitsandbytes' layout: uint8 codes plus the nested constants.
     sd = q.state_dict()
@@ -451,3 +455,39 @@ def test_save_adapter_on_a_full_disk_keeps_the_previous_adapter(tmp_path, monkey
     with pytest.raises(OSError, match="No space left"):
         nybble.save_adapter(model, tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no partial file, old adapter intact
+
+
+def test_linear4bit_eager_cpu_path_equals_the_general_one_and_follows_its_tensors(rng):
+    """No-grad CPU calls go straight to the fused kernel with cached views of the packed bytes:
+    the same result as the autograd path, and the views follow a replaced weight and a storage
+    that was freed and gathered again (FSDP2)."""
+    lin = make_linear(rng, 96, 40)
+    q = Linear4bit.from_linear(lin, compute_dtype=torch.bfloat16)
+    x = torch.randn(5, 96)
+    with torch.no_grad():
+        fast = q(x)
+    assert q._cpu_views is not None and fast.dtype == torch.float32
+    slow = q(x.clone().requires_grad_())  # the Function path
+    assert torch.equal(fast, slow.detach())
+    w64 = q.dequantized_weight(torch.float32).double()
+    want = x.bfloat16().double() @ w64.t() + q.bias.bfloat16().double()
+    assert (fast.double() - want).abs().max() < 0.05 * want.abs().max()
+    # A new weight: new tensors, new views.
+    q.set_weight(make_linear(rng, 96, 40).weight)
+    with torch.no_grad():
+        fresh = q(x)
+    assert not torch.equal(fresh, fast)
+    assert torch.equal(fresh, q(x.clone().requires_grad_()).detach())
+    # The packed storage freed and gathered again at another address (what FSDP2 does).
+    q.weight = q.weight.clone()  # torch-owned (resizable) storage, as FSDP2's parameters have
+    with torch.no_grad():
+        assert torch.equal(q(x), fresh)
+    saved = q.weight.detach().clone()
+    storage = q.weight.untyped_storage()
+    storage.resize_(0)
+    storage.resize_(saved.numel() * saved.element_size())
+    q.weight.copy_(saved)
+    with torch.no_grad():
+        again = q(x)
+    assert q._cpu_views[1] == q.weight.data_ptr()
+    assert torch.equal(again, fresh)

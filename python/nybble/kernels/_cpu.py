@@ -155,9 +155,10 @@ def _rows(x: torch.Tensor) -> int:
     return math.prod(x.shape[:-1])
 
 
-def fused_4bit_applies(x: torch.Tensor, packed: torch.Tensor) -> bool:
-    """Whether ``matmul_4bit`` takes the fused kernel for this input (see FUSED_4BIT_MAX_M)."""
-    if x.dtype not in DTYPE_NAMES or packed.dtype != torch.uint8:
+def fused_4bit_applies(x: torch.Tensor, packed: torch.Tensor | None) -> bool:
+    """Whether ``matmul_4bit`` takes the fused kernel for this input (see FUSED_4BIT_MAX_M);
+    ``packed`` None: its uint8 bytes, whatever the storage."""
+    if x.dtype not in DTYPE_NAMES or (packed is not None and packed.dtype != torch.uint8):
         return False
     limit = fused_4bit_max_m(x.dtype)
     return limit is None or _rows(x) <= limit
@@ -190,12 +191,21 @@ def matmul_4bit_fused(x, packed, absmax, shape, blocksize, quant_type, bias, sim
     n_out, n_in = int(shape[0]), int(shape[1])
     if x.shape[-1] != n_in:
         raise ValueError(f"x has {x.shape[-1]} features, the weight {n_in}")
+    return matmul_4bit_views(x, np_view(packed), np_view(absmax.float()), n_out, n_in, blocksize, quant_type, bias,
+                             simd)
+
+
+def matmul_4bit_views(x, packed: np.ndarray, absmax: np.ndarray, n_out: int, n_in: int, blocksize: int,
+                      quant_type: str, bias, simd: str | None = None):
+    """:func:`matmul_4bit_fused` on the weight's numpy views (``np_view`` of the packed uint8
+    bytes and of the float32 absmax), which a caller calling per token keeps (the core checks
+    every length)."""
     if simd is None:
         simd = _default_simd(x)
     out = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype)
     b = None if bias is None else np_view(bias.detach().to(x.dtype).float())
-    _core.matmul_4bit(np_view(x), DTYPE_NAMES[x.dtype], _rows(x), np_view(packed), np_view(absmax.float()), n_out,
-                      n_in, blocksize, quant_type, b, np_view(out), simd)
+    _core.matmul_4bit(np_view(x), DTYPE_NAMES[x.dtype], _rows(x), packed, absmax, n_out, n_in, blocksize, quant_type,
+                      b, np_view(out), simd)
     return out
 
 

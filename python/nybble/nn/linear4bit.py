@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .. import formats, kernels
+from ..kernels import _cpu, ops
 from ..codebooks import code_4bit
 
 # State-dict keys under the module's prefix (nybble.formats spells the layout).
@@ -96,6 +97,7 @@ class Linear4bit(nn.Module):
             self.absmax_codes = self.nested_absmax_bits = self.nested_code_bits = self.offset_bits = None
         self.register_buffer("quant_map_bits", _f32_bits(torch.from_numpy(code_4bit(quant_type))).to(device))
         self._absmax_cache = None
+        self._cpu_views = None  # see _cpu_inference_forward
         self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
 
     # ------------------------------------------------------------------ building
@@ -229,6 +231,10 @@ class Linear4bit(nn.Module):
         and the result back to x's dtype. ``lora = (A, B, scale, x_lora)`` (from
         :class:`LoraLinear`, through ``__call__`` so module hooks still run) adds the adapter
         term in the same Function; ``x_lora`` None means x as given (before the cast)."""
+        if lora is None:
+            y = self._cpu_inference_forward(x)
+            if y is not None:
+                return y
         in_dtype = x.dtype
         x_in = x
         if self.compute_dtype is not None:
@@ -248,6 +254,34 @@ class Linear4bit(nn.Module):
                                    self.blocksize, self.quant_type, bias, nested_absmax=nested_absmax,
                                    nested_code=nested_code, offset=offset, lora_a=a, lora_b=b, scale=scale,
                                    x_lora=x_lora, out_dtype=in_dtype, decode_dtype=_decode_dtype(x.dtype))
+
+    def _cpu_inference_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The forward of an eager no-grad call on CPU straight into the fused Rust kernel, or
+        None where it does not apply (then :meth:`forward` takes the general path, with the same
+        result). At decode a layer's kernel takes ~0.4 ms and the general path's Python ~0.05:
+        this keeps one check per condition and the packed bytes' numpy views cached."""
+        if type(x) is not torch.Tensor or x.device.type != "cpu" or torch.compiler.is_compiling():
+            return None
+        bias = self.bias
+        if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+            return None
+        xc = x if self.compute_dtype is None else x.to(self.compute_dtype)
+        packed = self.weight
+        if (packed.device.type != "cpu" or x.shape[-1] != self.in_features or not _cpu.fused_4bit_applies(xc, None)
+                or ops.use_reference()):
+            return None
+        absmax = self.float_absmax()
+        views = getattr(self, "_cpu_views", None)
+        if (views is None or views[0] is not packed or views[1] != packed.data_ptr() or views[2] is not absmax
+                or views[3] != absmax.data_ptr()):
+            # The views point at the tensors' memory: rebuilt whenever a tensor or its storage
+            # changes (load_state_dict replacing it, FSDP freeing and re-gathering it).
+            views = (packed, packed.data_ptr(), absmax, absmax.data_ptr(),
+                     _cpu.np_view(packed.view(torch.uint8)), _cpu.np_view(absmax))
+            self._cpu_views = views
+        y = _cpu.matmul_4bit_views(xc, views[4], views[5], self.out_features, self.in_features, self.blocksize,
+                                   self.quant_type, bias)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
