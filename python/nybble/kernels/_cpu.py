@@ -51,12 +51,11 @@ def np_view(t: torch.Tensor) -> np.ndarray:
     """A zero-copy 1-D numpy view of a CPU tensor made contiguous (16-bit floats as uint16);
     for a contiguous tensor it shares its memory, so the core may write through it. (Called
     several times per layer per token at decode: kept to a dict lookup and one array.)"""
-    t = t.detach()
     if not t.is_contiguous():
-        t = t.contiguous()
+        t = t.detach().contiguous()
     typestr = _TYPESTRS.get(t.dtype)
     if typestr is None or t.numel() == 0:  # bool and the like, empty tensors: numpy's own view
-        flat = t.reshape(-1)
+        flat = t.detach().reshape(-1)
         return flat.view(torch.int16).numpy().view(np.uint16) if typestr == "<u2" else flat.numpy()
     return np.asarray(_TensorMemory(t, typestr))
 
@@ -145,6 +144,7 @@ def fused_4bit_max_m(dtype: torch.dtype) -> int | None:
     return FUSED_4BIT_MAX_M
 
 
+@functools.lru_cache(maxsize=1)
 def _amx_tiles() -> bool:
     """Whether the core runs its AMX tile kernel here (the ``amx_bf16`` level: the CPU has
     the tiles and the OS grants them to this process)."""
@@ -178,7 +178,7 @@ def _bf16_dot_is_slow() -> bool:
 def _default_simd(x: torch.Tensor) -> str | None:
     """The level the fused 4-bit kernel runs at when the caller forces none (None: the core's
     choice, ``NYBBLE_SIMD`` else the best level)."""
-    if x.dtype == torch.bfloat16 and _rows(x) > 1 and not os.environ.get("NYBBLE_SIMD") and _bf16_dot_is_slow():
+    if _bf16_dot_is_slow() and x.dtype == torch.bfloat16 and _rows(x) > 1 and not os.environ.get("NYBBLE_SIMD"):
         return "avx512_vnni"  # the AVX-512 f32-FMA kernel (the level below avx512_bf16)
     return None
 
@@ -202,10 +202,11 @@ def matmul_4bit_views(x, packed: np.ndarray, absmax: np.ndarray, n_out: int, n_i
     every length)."""
     if simd is None:
         simd = _default_simd(x)
-    out = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype)
+    lead = x.shape[:-1]
+    out = torch.empty((*lead, n_out), dtype=x.dtype)
     b = None if bias is None else np_view(bias.detach().to(x.dtype).float())
-    _core.matmul_4bit(np_view(x), DTYPE_NAMES[x.dtype], _rows(x), packed, absmax, n_out, n_in, blocksize, quant_type,
-                      b, np_view(out), simd)
+    _core.matmul_4bit(np_view(x), DTYPE_NAMES[x.dtype], math.prod(lead), packed, absmax, n_out, n_in, blocksize,
+                      quant_type, b, np_view(out), simd)
     return out
 
 
