@@ -178,7 +178,10 @@ class Linear4bit(nn.Module):
 
     def _dq_sources(self) -> tuple:
         b = self._buffers  # what the attributes resolve to, without Module.__getattr__ (per call)
-        return (b["absmax_codes"], b["nested_absmax_bits"], b["nested_code_bits"], b["offset_bits"])
+        try:
+            return (b["absmax_codes"], b["nested_absmax_bits"], b["nested_code_bits"], b["offset_bits"])
+        except KeyError:  # FSDP2 made them (frozen) parameters
+            return (self.absmax_codes, self.nested_absmax_bits, self.nested_code_bits, self.offset_bits)
 
     def invalidate_absmax_cache(self) -> None:
         """Drops the decoded absmax. Loading, ``set_weight`` / ``set_packed``, device / dtype
@@ -270,7 +273,9 @@ class Linear4bit(nn.Module):
         cd = self.compute_dtype
         xc = x if cd is None or x.dtype == cd else x.to(cd)
         buffers = self._buffers
-        packed = buffers["weight"]
+        packed = buffers.get("weight")
+        if packed is None:  # FSDP2 made it a (frozen) parameter
+            packed = self.weight
         if (not packed.is_cpu or x.shape[-1] != self.in_features or not _cpu.fused_4bit_applies(xc, None)
                 or ops.use_reference()):
             return None
@@ -278,7 +283,9 @@ class Linear4bit(nn.Module):
             absmax = self._cached_absmax()
             key = absmax = self.float_absmax() if absmax is None else absmax
         else:
-            absmax, key = None, buffers["absmax_bits"]
+            absmax, key = None, buffers.get("absmax_bits")
+            if key is None:
+                key = self.absmax_bits
         views = self.__dict__.get("_cpu_views")
         if (views is None or views[0] is not packed or views[1] != packed.data_ptr() or views[2] is not key
                 or views[3] != key.data_ptr()):
