@@ -7,8 +7,12 @@
 
 Shapes are ``out x in`` (W is out x in, bitsandbytes' layout), activations bf16, NF4. For each
 shape and M, every method runs once per round, the rounds interleaved, and the table gives
-medians. Before each timed call a 64 MB buffer is read, so every method starts from a cold
-cache as in a real model whose layers do not fit in L3 (``--no-flush`` turns this off).
+medians. As in a model whose layers do not fit in the last-level cache, each method cycles
+through enough copies of its weight (or module) to fill 1.25x that cache, so every call reads
+its weight from DRAM while the interpreter and x stay cached (this machine's L3 can be
+hundreds of MB: reading a fixed buffer between calls would leave the weights in it, and a
+buffer larger than it would also evict what a real model keeps cached). ``--no-flush``: one
+copy each (warm cache).
 
 Methods:
 
@@ -33,6 +37,7 @@ LLM.int8() kernel with the op composition it replaced.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -40,21 +45,42 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _common import cpu_line
+from _common import cpu_line, last_level_cache_bytes
 
 import nybble
 from nybble import _core, kernels
 from nybble.kernels import _cpu
 
 class Flusher:
-    """Reads a buffer larger than the last-level cache (evicting the weights)."""
+    """Reads a buffer larger than the last-level cache before each call (the --crossover and
+    --int8 tables; the layer table rotates weight copies instead, see the module docstring)."""
 
-    def __init__(self, enabled: bool, mb: int = 64):
-        self.buf = torch.ones(mb * 2**20 // 4) if enabled else None
+    def __init__(self, enabled: bool):
+        llc = last_level_cache_bytes() or 64 * 2**20
+        self.buf = torch.ones(max(64 * 2**20, int(1.25 * llc)) // 4) if enabled else None
 
     def __call__(self) -> None:
         if self.buf is not None:
             self.buf.sum()
+
+
+def copies_for(nbytes: int, enabled: bool) -> int:
+    """Copies of an ``nbytes`` weight that together fill 1.25x the last-level cache."""
+    if not enabled:
+        return 1
+    llc = last_level_cache_bytes() or 64 * 2**20
+    return max(2, -(-int(1.25 * llc) // max(1, nbytes)))
+
+
+class Rotation:
+    """Calls ``f(copy)`` on the next of ``copies`` in turn."""
+
+    def __init__(self, copies: list, f):
+        self.copies, self.f, self.i = copies, f, 0
+
+    def __call__(self):
+        self.i = (self.i + 1) % len(self.copies)
+        return self.f(self.copies[self.i])
 
 
 def read_bandwidth(threads: int) -> float:
@@ -69,7 +95,7 @@ def read_bandwidth(threads: int) -> float:
     return x.numel() * 4 / statistics.median(ts) / 1e9
 
 
-def interleaved(methods: dict, reps: int, flush: Flusher) -> dict[str, float]:
+def interleaved(methods: dict, reps: int, flush=lambda: None) -> dict[str, float]:
     """Median seconds per method, the methods run in turn each round (after a warm-up)."""
     for f in methods.values():
         f()
@@ -114,7 +140,7 @@ def bnb_layer(w: torch.Tensor):
 
 
 def layer_table(args) -> list[dict]:
-    flush = Flusher(not args.no_flush)
+    rotate = not args.no_flush
     rows = []
     bnb_path = None
     for shape in args.shapes:
@@ -128,38 +154,54 @@ def layer_table(args) -> list[dict]:
             lin.weight.copy_(w_f32)
         module = nybble.nn.Linear4bit.from_linear(lin, quant_type="nf4", blocksize=64, double_quant=True,
                                                   compute_dtype=torch.bfloat16).eval()
-        bnb_mod, bnb_path = bnb_layer(w_bf16)
         nblocks = absmax.numel()
         kernel_bytes = packed.numel() + 4 * nblocks
         module_bytes = kernel_bytes  # the DQ absmax is decoded once, at the first call (cached)
+        n_packed = copies_for(kernel_bytes, rotate)
+        bf16s = [w_bf16.clone() for _ in range(copies_for(w_bf16.numel() * 2, rotate))]
+        f32s = [w_f32.clone() for _ in range(copies_for(w_f32.numel() * 4, rotate))]
+        packs = [(packed.clone(), absmax.clone()) for _ in range(n_packed)]
+        modules = [module] + [copy.deepcopy(module) for _ in range(n_packed - 1)]
+        bnb_mods = []
+        for _ in range(n_packed):
+            bnb_mod, bnb_path = bnb_layer(w_bf16)
+            if bnb_mod is None:
+                break
+            bnb_mods.append(bnb_mod)
+        del w, w_f32
         for m in args.ms:
             x = torch.randn(m, in_f, generator=g).bfloat16()
             xf = x.float()
 
-            def nyb_avx2(x=x):
+            def nyb(pa, x=x):
+                return kernels.matmul_4bit(x, pa[0], pa[1], (out_f, in_f), 64, "nf4")
+
+            def nyb_avx2(pa, x=x):
                 os.environ["NYBBLE_SIMD"] = "avx2"
                 try:
-                    kernels.matmul_4bit(x, packed, absmax, (out_f, in_f), 64, "nf4")
+                    kernels.matmul_4bit(x, pa[0], pa[1], (out_f, in_f), 64, "nf4")
                 finally:
                     os.environ.pop("NYBBLE_SIMD", None)
 
             methods = {
-                "dense bf16": lambda x=x: F.linear(x, w_bf16),
-                "dense fp32": lambda xf=xf: F.linear(xf, w_f32),
-                "nybble": lambda x=x: kernels.matmul_4bit(x, packed, absmax, (out_f, in_f), 64, "nf4"),
-                "module": lambda x=x: module(x),
+                "dense bf16": Rotation(bf16s, lambda wb, x=x: F.linear(x, wb)),
+                "dense fp32": Rotation(f32s, lambda wf, xf=xf: F.linear(xf, wf)),
+                "nybble": Rotation(packs, nyb),
+                "module": Rotation(modules, lambda mod, x=x: mod(x)),
             }
             if "avx2" in _core.simd_levels():
-                methods["avx2"] = nyb_avx2
-            if bnb_mod is not None:
-                methods["bnb"] = lambda x=x: bnb_mod(x)
+                methods["avx2"] = Rotation(packs, nyb_avx2)
+            if bnb_mods:
+                methods["bnb"] = Rotation(bnb_mods, lambda mod, x=x: mod(x))
             with torch.no_grad():
-                t = interleaved(methods, args.reps, flush)
+                t = interleaved(methods, args.reps)
             row = {"shape": f"{out_f}x{in_f}", "m": m, "ms": {k: v * 1e3 for k, v in t.items()},
                    "fused": m <= (_cpu.fused_4bit_max_m(torch.bfloat16) or m),
-                   "gbs": kernel_bytes / t["nybble"] / 1e9, "module_gbs": module_bytes / t["module"] / 1e9}
+                   "gbs": kernel_bytes / t["nybble"] / 1e9, "module_gbs": module_bytes / t["module"] / 1e9,
+                   "copies": {"packed": n_packed, "bf16": len(bf16s), "fp32": len(f32s)}}
             rows.append(row)
             print(format_row(row, args.bandwidth), flush=True)
+        del bf16s, f32s, packs, modules, bnb_mods
     if bnb_path:
         print(f"\nbitsandbytes path: {bnb_path}")
     return rows
@@ -257,7 +299,7 @@ def main(argv=None) -> dict:
     _core.set_num_threads(args.threads)
     print(cpu_line())
     print(f"torch {torch.__version__}, {args.threads} threads, {args.reps} interleaved rounds, medians; "
-          f"{'cold cache (64 MB read before each call)' if not args.no_flush else 'warm cache'}; "
+          f"{'weights from DRAM (copies rotated past the last-level cache)' if not args.no_flush else 'warm cache'}; "
           f"nybble fused (bf16 x) up to M = {_cpu.fused_4bit_max_m(torch.bfloat16)}")
     args.bandwidth = read_bandwidth(args.threads)
     print(f"read bandwidth (torch.sum of 1 GiB float32, {args.threads} threads): {args.bandwidth:.1f} GB/s\n")

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import cpu_bf16_features  # benches/ is the script folder: on sys.path
+from _common import cpu_bf16_features, peak_rss, reset_peak_rss  # benches/ is the script folder: on sys.path
 
 SIDES = ("nybble", "peft+bnb")
 SIZES = {
@@ -59,25 +59,7 @@ def build(size: str, path: Path, dtype_name: str) -> None:
     model.save_pretrained(str(path), safe_serialization=True)
 
 
-def _reset_peak_rss() -> None:
-    """Resets the process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
-
-def _peak_rss() -> int:
-    """Bytes: VmHWM since the last reset (the lifetime maximum where resets are unsupported)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def child(side: str, path: str, device: str, steps: int, warmup: int, batch: int, seq: int, r: int,
@@ -130,7 +112,7 @@ def child(side: str, path: str, device: str, steps: int, warmup: int, batch: int
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(dev)
     else:
-        _reset_peak_rss()  # the steps' peak, not the dense model's load
+        reset_peak_rss()  # the steps' peak, not the dense model's load
     times, losses = [], []
     for i in range(warmup + steps):
         ids = batches[i % len(batches)].to(dev)
@@ -149,7 +131,7 @@ def child(side: str, path: str, device: str, steps: int, warmup: int, batch: int
             times.append(time.perf_counter() - t0)
     times.sort()
     step = times[len(times) // 2]
-    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else _peak_rss()
+    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else peak_rss()
     return {"side": side, "step_s": step, "tokens_per_s": batch * seq / step, "peak_mb": peak / 2**20,
             "trainable": sum(p.numel() for p in params), "loss_first": losses[0], "loss_last": losses[-1],
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x{threads} threads"}

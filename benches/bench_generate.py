@@ -88,14 +88,16 @@ def build(size: str, cache: Path) -> dict[str, Path]:
 
 def worker(method: str, path: str, threads: int, prompt_tokens: int, new_tokens: int) -> dict:
     """One run in this process: load, warm up, generate; prints one JSON line."""
-    import resource
-
     import torch
     import transformers
 
     torch.set_num_threads(threads)
     transformers.utils.logging.disable_progress_bar()
+    from _common import peak_rss, reset_peak_rss
+
     from nybble import generate as G
+
+    reset_peak_rss()  # this run's peak, not the parent's at fork
 
     t0 = time.perf_counter()
     if method == "nybble":
@@ -119,7 +121,7 @@ def worker(method: str, path: str, threads: int, prompt_tokens: int, new_tokens:
     out = {"method": method, "load_s": load_s, "prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens,
            "prefill_tps": stats.prefill_tokens_per_s, "decode_tps": stats.decode_tokens_per_s,
            "decode_cpu_s_per_token": cpu * (stats.decode_s / wall) / max(1, stats.new_tokens - 1),
-           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+           "peak_rss_mb": peak_rss() / 2**20}
     linear_types = sorted({type(m).__name__ for m in model.modules() if "Linear" in type(m).__name__})
     out["linear_types"] = linear_types
     print("RESULT " + json.dumps(out), flush=True)
