@@ -82,6 +82,12 @@ class Rotation:
         self.i = (self.i + 1) % len(self.copies)
         return self.f(self.copies[self.i])
 
+    def warm(self) -> None:
+        """One call on every copy: first-call work (bitsandbytes' CPU repack, nybble's absmax
+        decode, lazy allocations) stays out of the timed calls."""
+        for c in self.copies:
+            self.f(c)
+
 
 def read_bandwidth(threads: int) -> float:
     """GB/s of a large torch.sum over float32 on ``threads`` threads (median of 7)."""
@@ -96,12 +102,17 @@ def read_bandwidth(threads: int) -> float:
 
 
 def interleaved(methods: dict, reps: int, flush=lambda: None) -> dict[str, float]:
-    """Median seconds per method, the methods run in turn each round (after a warm-up)."""
+    """Median seconds per method, the methods run in turn each round, the order rotated from round
+    to round (after a warm-up)."""
     for f in methods.values():
-        f()
+        getattr(f, "warm", f)()
     times = {name: [] for name in methods}
-    for _ in range(reps):
-        for name, f in methods.items():
+    names = list(methods)
+    for r in range(reps):
+        # Each round starts one method later: what runs before a call (and so what it leaves in
+        # the caches and TLBs) is not always the same method.
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            f = methods[name]
             flush()
             t0 = time.perf_counter()
             f()
@@ -163,7 +174,7 @@ def layer_table(args) -> list[dict]:
         packs = [(packed.clone(), absmax.clone()) for _ in range(n_packed)]
         modules = [module] + [copy.deepcopy(module) for _ in range(n_packed - 1)]
         bnb_mods = []
-        for _ in range(n_packed):
+        for _ in range(0 if args.no_bnb else n_packed):
             bnb_mod, bnb_path = bnb_layer(w_bf16)
             if bnb_mod is None:
                 break
@@ -286,6 +297,7 @@ def main(argv=None) -> dict:
     p.add_argument("--ms", default="1,4,8,16,64")
     p.add_argument("--shapes", default="4096x4096,11008x4096,4096x11008")
     p.add_argument("--no-flush", action="store_true", help="do not evict the caches before each timed call")
+    p.add_argument("--no-bnb", action="store_true", help="leave bitsandbytes out")
     p.add_argument("--crossover", action="store_true", help="also measure fused vs dequantize + BLAS")
     p.add_argument("--crossover-ms", default="1,8,16,32,48,64,96,128,192,256")
     p.add_argument("--int8", action="store_true", help="also time the fused LLM.int8() kernel")
