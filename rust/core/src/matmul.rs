@@ -647,6 +647,9 @@ mod x86 {
         /// prefetch it while this tile runs, as the hardware prefetchers stop at each 4 KB
         /// page and a tile's short row streams keep them from ramping up.
         next: *const u8,
+        /// The same for the next tile's absmax bytes, and the blocksize (their rate per step).
+        next_scales: *const u8,
+        bs: usize,
     }
 
     /// Scratch a task reuses for every tile.
@@ -728,6 +731,8 @@ mod x86 {
             spans,
             luts: std::ptr::null(),
             next: rows[0].wrapping_add(nt * c.k / 2),
+            next_scales: c.absmax.as_ptr().wrapping_add((r + nt) * c.k / c.bs).cast(),
+            bs: c.bs,
         }
     }
 
@@ -767,6 +772,8 @@ mod x86 {
         if NT > 4 {
             _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(64).cast());
         }
+        // The next tile's absmax, NT * 4 / bs bytes per element of K (a line every few steps).
+        _mm_prefetch::<_MM_HINT_T1>(t.next_scales.wrapping_add(k * NT * 4 / t.bs).cast());
     }
 
     /// Rows of W per tile for one row of x, and for several.

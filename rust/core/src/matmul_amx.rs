@@ -220,6 +220,7 @@ unsafe fn pass<const WR: usize, const MG: usize>(
     let block_mask = a.bs / CHUNK - 1;
     let block_shift = (a.bs / CHUNK).trailing_zeros();
     let low_nibble = _mm512_set1_epi32(15);
+    let scale_bytes_per_chunk = WR * TILE * 4 * CHUNK / a.bs;
     tile_zero!(0);
     tile_zero!(1);
     tile_zero!(2);
@@ -245,6 +246,16 @@ unsafe fn pass<const WR: usize, const MG: usize>(
             .wrapping_add((n0 + WR * TILE) * k / 2 + c * WR * TILE * CHUNK / 2);
         for l in 0..WR * 4 {
             _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(l * 64).cast());
+        }
+        // And its absmax: WR * 16 rows * 4 bytes per block, spread the same way.
+        let next_scales = a
+            .absmax
+            .as_ptr()
+            .wrapping_add((n0 + WR * TILE) * blocks_per_row)
+            .cast::<u8>()
+            .wrapping_add(c * scale_bytes_per_chunk);
+        for l in (0..scale_bytes_per_chunk).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T1>(next_scales.wrapping_add(l).cast());
         }
         for (r, lut) in luts.iter().enumerate().take(rows) {
             let src = a.packed.as_ptr().add((n0 + r) * k / 2 + c * CHUNK / 2);
