@@ -443,6 +443,21 @@ mod x86 {
     );
     tile_entry!(tile_avx2, madd256, i16, "avx2");
 
+    /// Prefetches (into L2) the part of the next tile matching step `kk` of this one, which
+    /// reads `STEP` bytes of each of its `R` rows: W is row-major, so the next tile's bytes
+    /// start R rows on and are as many. Prefetches never fault, past the matrix included.
+    #[inline(always)]
+    unsafe fn prefetch_next<const R: usize, const STEP: usize>(
+        rows: &[&[i8]; NT],
+        k: usize,
+        kk: usize,
+    ) {
+        let next = rows[0].as_ptr().wrapping_add(R * k + kk * R);
+        for l in 0..(R * STEP).div_ceil(64) {
+            _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(l * 64).cast());
+        }
+    }
+
     /// `tot[ii][col + j] = Σ (w_j + 128) · x_ii` (`R` rows of W, `M` of x).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
     unsafe fn vnni<const M: usize, const R: usize>(
@@ -461,6 +476,7 @@ mod x86 {
             let mut acc = [[_mm512_setzero_si512(); R]; M];
             let mut kk = p0;
             while kk + 64 <= p1 {
+                prefetch_next::<R, 64>(rows, k, kk);
                 for r in 0..R {
                     let u =
                         _mm512_xor_si512(_mm512_loadu_si512(rows[r].as_ptr().add(kk).cast()), flip);
@@ -516,6 +532,7 @@ mod x86 {
             let mut kk = p0;
             while kk < p1 {
                 let left = p1 - kk;
+                prefetch_next::<R, 32>(rows, k, kk);
                 for r in 0..R {
                     let p = rows[r].as_ptr().add(kk);
                     let wb = if left >= 32 {
@@ -566,6 +583,7 @@ mod x86 {
             let mut acc = [[_mm256_setzero_si256(); R]; M];
             let mut kk = p0;
             while kk + 16 <= p1 {
+                prefetch_next::<R, 16>(rows, k, kk);
                 for r in 0..R {
                     let wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(rows[r].as_ptr().add(kk).cast()));
                     for (i, a) in acc.iter_mut().enumerate() {
