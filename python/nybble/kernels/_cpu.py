@@ -107,7 +107,8 @@ def quantize_4bit(w, blocksize, quant_type):
 #:   0.76-0.95 at 384. Hence 256.
 #: - Intel Xeon with AMX-BF16 (Sapphire Rapids class), nybble's ``amx_bf16`` level: bf16 x
 #:   from 5 rows runs nybble's own AMX tile kernel, against dequantize + oneDNN's AMX GEMM
-#:   (4096x4096): 7x faster at 16-64 rows, 5.2x at 128, 1.4x at 256, 0.87x at 512. Hence 256.
+#:   (4096x4096, 11008x4096): 5.6x faster at 64 rows (8-20x at 6-16), 5.2x at 128, 1.4x at
+#:   256, 0.87x at 512. Hence 256.
 #: - The same CPU without the tiles granted to the process (no ``amx_bf16`` level; oneDNN may
 #:   still use them): dequantize + BLAS wins from M = 48 (fused speed-up 2.2x at 16,
 #:   1.08-1.11x at 32, 0.70-0.81x at 48): bf16 x there switches above FUSED_4BIT_MAX_M_AMX.
