@@ -68,10 +68,9 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    """A tiny random Llama (hidden 64, 2 layers) with the example's WordPiece tokenizer, saved
-    once per session (skips without torch / transformers / the offline tokenizer)."""
+def tiny_llama_dir(path: Path, hidden: int, layers: int) -> Path:
+    """A tiny random Llama with the example's WordPiece tokenizer saved at ``path`` (skips the
+    test without torch / transformers / the offline tokenizer)."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from nybble.train import example
@@ -80,4 +79,10 @@ def tiny_model(tmp_path_factory) -> Path:
         example.tokenizer_dir()
     except RuntimeError as e:
         pytest.skip(str(e))
-    return example.build_model_dir(tmp_path_factory.mktemp("tiny") / "llama", hidden=64, layers=2)
+    return example.build_model_dir(path, hidden=hidden, layers=layers)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """:func:`tiny_llama_dir` (hidden 64, 2 layers), saved once per session."""
+    return tiny_llama_dir(tmp_path_factory.mktemp("tiny") / "llama", hidden=64, layers=2)

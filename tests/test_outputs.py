@@ -613,15 +613,11 @@ main()
 
 
 def test_sigterm_during_finetune_saves_the_finished_steps_and_exits_143(tmp_path):
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
+    from conftest import tiny_llama_dir
+
     from nybble.train import example
 
-    try:
-        example.tokenizer_dir()
-    except RuntimeError as e:
-        pytest.skip(str(e))
-    tiny = example.build_model_dir(tmp_path / "llama", hidden=32, layers=1)
+    tiny = tiny_llama_dir(tmp_path / "llama", hidden=32, layers=1)
     data = example.make_dataset(tmp_path / "train.jsonl", n=32)
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-c", _FINETUNE_SIGNAL, str(tiny), "--data", str(data), "-o", str(out),

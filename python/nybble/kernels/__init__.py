@@ -254,7 +254,7 @@ def linear_4bit(x, packed, absmax, shape, blocksize, quant_type, bias=None, *, n
     """The 4-bit layer's forward through :class:`Linear4bitFunction` (see there); W is decoded
     to ``decode_dtype`` (default x's dtype; float64 gives the exact products)."""
     if (lora_a is None and nested_absmax is None and decode_dtype in (None, x.dtype) and out_dtype in (None, x.dtype)
-            and _eager_cpu_inference(x, bias)):
+            and eager_cpu_inference(x, bias)):
         # Decode-time calls take ~0.1-0.2 ms of autograd and op dispatch around a ~0.5 ms kernel:
         # with nothing to differentiate, eager CPU calls go straight to the op's CPU kernel.
         return ops.cpu_kernel("matmul_4bit")(x, packed, absmax, _shape2(shape), int(blocksize), quant_type, bias)
@@ -263,10 +263,10 @@ def linear_4bit(x, packed, absmax, shape, blocksize, quant_type, bias=None, *, n
                                     decode_dtype)
 
 
-def _eager_cpu_inference(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+def eager_cpu_inference(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """An eager call on plain CPU tensors that autograd does not record and the CPU kernels
     serve (not traced or compiled, no NYBBLE_KERNELS=torch): then the op's CPU kernel may be
-    called without the dispatcher, with the same result."""
+    called without the dispatcher, with the same result (here and in ``Linear4bit``)."""
     return (type(x) is torch.Tensor and x.device.type == "cpu"
             and not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
             and not torch.compiler.is_compiling() and not ops.use_reference())

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .. import formats, kernels
-from ..kernels import _cpu, ops
+from ..kernels import _cpu
 from ..codebooks import code_4bit
 
 # State-dict keys under the module's prefix (nybble.formats spells the layout).
@@ -176,12 +176,14 @@ class Linear4bit(nn.Module):
         return (self.absmax_codes, self.nested_absmax_bits.view(torch.float32),
                 self.nested_code_bits.view(torch.float32), self.offset_bits.view(torch.float32))
 
+    def _member(self, name: str):
+        """``self.<name>`` for a buffer without ``Module.__getattr__`` (read per call at
+        decode), or the attribute once FSDP2 made it a (frozen) parameter."""
+        t = self._buffers.get(name)
+        return t if t is not None else getattr(self, name)
+
     def _dq_sources(self) -> tuple:
-        b = self._buffers  # what the attributes resolve to, without Module.__getattr__ (per call)
-        try:
-            return (b["absmax_codes"], b["nested_absmax_bits"], b["nested_code_bits"], b["offset_bits"])
-        except KeyError:  # FSDP2 made them (frozen) parameters
-            return (self.absmax_codes, self.nested_absmax_bits, self.nested_code_bits, self.offset_bits)
+        return tuple(map(self._member, ("absmax_codes", "nested_absmax_bits", "nested_code_bits", "offset_bits")))
 
     def invalidate_absmax_cache(self) -> None:
         """Drops the decoded absmax. Loading, ``set_weight`` / ``set_packed``, device / dtype
@@ -209,12 +211,12 @@ class Linear4bit(nn.Module):
         cached on the module (load-time work; 4 bytes per block, an eighth of the packed
         weight's bytes at blocksize 64) until the constants change; ``cache_absmax = False``
         (class or instance attribute) decodes per call instead, keeping only the 8-bit codes."""
-        absmax, nested_absmax, nested_code, offset = self._absmax_args()
-        if nested_absmax is None:
-            return absmax
+        if not self.double_quant:
+            return self._absmax_args()[0]
         value = self._cached_absmax()
         if value is not None:
             return value
+        absmax, nested_absmax, nested_code, offset = self._absmax_args()
         with torch.no_grad():
             value = kernels.decode_absmax(absmax, nested_absmax, nested_code, offset, 256)
         if self.cache_absmax:
@@ -265,27 +267,18 @@ class Linear4bit(nn.Module):
         result). At decode the general path's Python costs 0.1 ms per layer in a model (cold
         caches) around a 0.05-0.5 ms kernel: this one reads the buffers without
         ``Module.__getattr__`` and keeps the packed bytes' numpy views."""
-        if type(x) is not torch.Tensor or not x.is_cpu or torch.compiler.is_compiling():
-            return None
         bias = self._parameters.get("bias")
-        if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        if not kernels.eager_cpu_inference(x, bias):
             return None
         cd = self.compute_dtype
         xc = x if cd is None or x.dtype == cd else x.to(cd)
-        buffers = self._buffers
-        packed = buffers.get("weight")
-        if packed is None:  # FSDP2 made it a (frozen) parameter
-            packed = self.weight
-        if (not packed.is_cpu or x.shape[-1] != self.in_features or not _cpu.fused_4bit_applies(xc, None)
-                or ops.use_reference()):
+        packed = self._member("weight")
+        if not packed.is_cpu or x.shape[-1] != self.in_features or not _cpu.fused_4bit_applies(xc, None):
             return None
         if self.double_quant:
-            absmax = self._cached_absmax()
-            key = absmax = self.float_absmax() if absmax is None else absmax
-        else:
-            absmax, key = None, buffers.get("absmax_bits")
-            if key is None:
-                key = self.absmax_bits
+            key = absmax = self.float_absmax()  # the cached decode
+        else:  # the float32 bits buffer itself: float_absmax() would be a new view per call
+            absmax, key = None, self._member("absmax_bits")
         views = self.__dict__.get("_cpu_views")
         if (views is None or views[0] is not packed or views[1] != packed.data_ptr() or views[2] is not key
                 or views[3] != key.data_ptr()):

@@ -1445,6 +1445,22 @@ mod tests {
         }
     }
 
+    /// `x` in a 16-bit type, with the finite f32 values too large for it (which would round to
+    /// inf) zeroed: only the positions `planted` says stay non-finite.
+    fn narrowed<T: Element>(x: &[f32], planted: impl Fn(usize) -> bool) -> Vec<T> {
+        x.iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                let h = T::from_f32(v);
+                if h.to_f32().is_finite() || planted(i) {
+                    h
+                } else {
+                    T::from_f32(0.0)
+                }
+            })
+            .collect()
+    }
+
     #[test]
     fn simd_levels_report_the_same_non_finite() {
         for bs in [32usize, 64, 4096] {
@@ -1453,32 +1469,9 @@ mod tests {
                     let mut x = tricky_inputs(at as u64, 4 * bs + 9, bs);
                     x[at] = bad;
                     x[4 * bs + 5] = f32::NAN; // a second one, in the partial block
-                                              // Huge finite f32 values round to inf in 16 bits: only the planted ones stay.
                     let planted = |i: usize| i == at || i == 4 * bs + 5;
-                    let xb: Vec<bf16> = x
-                        .iter()
-                        .enumerate()
-                        .map(|(i, v)| {
-                            let h = bf16::from_f32(*v);
-                            if h.is_finite() || planted(i) {
-                                h
-                            } else {
-                                bf16::ZERO
-                            }
-                        })
-                        .collect();
-                    let xh: Vec<f16> = x
-                        .iter()
-                        .enumerate()
-                        .map(|(i, v)| {
-                            let h = f16::from_f32(*v);
-                            if h.is_finite() || planted(i) {
-                                h
-                            } else {
-                                f16::ZERO
-                            }
-                        })
-                        .collect();
+                    let xb: Vec<bf16> = narrowed(&x, planted);
+                    let xh: Vec<f16> = narrowed(&x, planted);
                     for qt in [QuantType4::Nf4, QuantType4::Fp4] {
                         assert_levels_quantize_alike(&x, bs, qt);
                         assert_levels_quantize_alike(&xb, bs, qt);

@@ -1712,6 +1712,23 @@ mod tests {
         }
     }
 
+    /// A conversion of `input` into the new folder `out`, default options without the error
+    /// statistics (they need the whole tensor; these tests watch the chunked path).
+    fn plan_without_stats(input: &Path, out: &Path) -> Conversion {
+        std::fs::create_dir(out).unwrap();
+        let options = ConvertOptions {
+            error_stats: false,
+            ..ConvertOptions::default()
+        };
+        Conversion::plan(
+            &[input.to_path_buf()],
+            &is_default_quantizable,
+            out,
+            options,
+        )
+        .unwrap()
+    }
+
     #[test]
     fn streamed_non_finite_reports_the_tensor_index_and_leaves_no_shard() {
         let dir = tempfile::tempdir().unwrap();
@@ -1727,18 +1744,7 @@ mod tests {
         )
         .unwrap();
         let out = dir.path().join("out");
-        std::fs::create_dir(&out).unwrap();
-        let options = ConvertOptions {
-            error_stats: false,
-            ..ConvertOptions::default()
-        };
-        let mut conv = Conversion::plan(
-            std::slice::from_ref(&input),
-            &is_default_quantizable,
-            &out,
-            options,
-        )
-        .unwrap();
+        let mut conv = plan_without_stats(&input, &out);
         let err = conv.step().unwrap_err();
         assert!(
             matches!(err, Error::Tensor { ref source, .. } if matches!(**source, Error::NonFinite { index, .. } if index == at)),
@@ -1756,18 +1762,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (input, _) = multi_chunk_checkpoint(dir.path());
         let out = dir.path().join("out");
-        std::fs::create_dir(&out).unwrap();
-        let options = ConvertOptions {
-            error_stats: false,
-            ..ConvertOptions::default()
-        };
-        let mut conv = Conversion::plan(
-            std::slice::from_ref(&input),
-            &is_default_quantizable,
-            &out,
-            options,
-        )
-        .unwrap();
+        let mut conv = plan_without_stats(&input, &out);
         conv.step().unwrap().unwrap();
         conv.step().unwrap().unwrap();
         drop(conv);

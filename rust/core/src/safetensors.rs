@@ -1168,21 +1168,7 @@ impl SafetensorsWriter {
                 got: data.len(),
             }));
         }
-        let (expected_name, expected_size) = match self.plan.get(self.written) {
-            Some((n, s)) => (n.as_str(), *s),
-            None => {
-                return Err(self.misuse(FormatError::WriteTooMany {
-                    name: name.to_owned(),
-                    declared: self.plan.len(),
-                }))
-            }
-        };
-        if name != expected_name {
-            return Err(self.misuse(FormatError::WriteOutOfOrder {
-                expected: expected_name.to_owned(),
-                got: name.to_owned(),
-            }));
-        }
+        let expected_size = self.next_planned_size(name)?;
         if data.len() != expected_size {
             return Err(self.misuse(FormatError::WriteSizeMismatch {
                 name: name.to_owned(),
@@ -1190,21 +1176,13 @@ impl SafetensorsWriter {
                 got: data.len(),
             }));
         }
-        if let Err(source) = self.out.write_all(data) {
-            self.poisoned = true;
-            return Err(self.io_error(source));
-        }
-        self.position += data.len() as u64;
+        self.append(data)?;
         self.written += 1;
         Ok(())
     }
 
-    /// Appends the next piece of the next declared tensor, so a tensor can be streamed
-    /// without ever holding all of it: the tensor counts as written once its pieces add up
-    /// to its size. `name` must be that tensor and the pieces must not overrun it; on such a
-    /// misuse nothing is written and the writer stays usable.
-    pub fn write_tensor_part(&mut self, name: &str, data: &[u8]) -> Result<()> {
-        self.check_healthy()?;
+    /// The size of the tensor the plan has next, which must be `name` (else a misuse error).
+    fn next_planned_size(&self, name: &str) -> Result<usize> {
         let (expected_name, size) = match self.plan.get(self.written) {
             Some((n, s)) => (n.as_str(), *s),
             None => {
@@ -1220,6 +1198,26 @@ impl SafetensorsWriter {
                 got: name.to_owned(),
             }));
         }
+        Ok(size)
+    }
+
+    /// Writes `data` at the current position; an I/O failure poisons the writer.
+    fn append(&mut self, data: &[u8]) -> Result<()> {
+        if let Err(source) = self.out.write_all(data) {
+            self.poisoned = true;
+            return Err(self.io_error(source));
+        }
+        self.position += data.len() as u64;
+        Ok(())
+    }
+
+    /// Appends the next piece of the next declared tensor, so a tensor can be streamed
+    /// without ever holding all of it: the tensor counts as written once its pieces add up
+    /// to its size. `name` must be that tensor and the pieces must not overrun it; on such a
+    /// misuse nothing is written and the writer stays usable.
+    pub fn write_tensor_part(&mut self, name: &str, data: &[u8]) -> Result<()> {
+        self.check_healthy()?;
+        let size = self.next_planned_size(name)?;
         if data.len() > size - self.partial {
             return Err(self.misuse(FormatError::WriteSizeMismatch {
                 name: name.to_owned(),
@@ -1227,11 +1225,7 @@ impl SafetensorsWriter {
                 got: data.len(),
             }));
         }
-        if let Err(source) = self.out.write_all(data) {
-            self.poisoned = true;
-            return Err(self.io_error(source));
-        }
-        self.position += data.len() as u64;
+        self.append(data)?;
         self.partial += data.len();
         if self.partial == size {
             self.partial = 0;
