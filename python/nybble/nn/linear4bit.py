@@ -183,6 +183,9 @@ class Linear4bit(nn.Module):
         return t if t is not None else getattr(self, name)
 
     def _dq_sources(self) -> tuple:
+        b = self._buffers  # per call at decode: one dict lookup each, not _member's
+        if "absmax_codes" in b:
+            return (b["absmax_codes"], b["nested_absmax_bits"], b["nested_code_bits"], b["offset_bits"])
         return tuple(map(self._member, ("absmax_codes", "nested_absmax_bits", "nested_code_bits", "offset_bits")))
 
     def invalidate_absmax_cache(self) -> None:
