@@ -228,6 +228,47 @@ def test_linear4bit_state_dict_round_trip_and_to(rng):
         Linear4bit(40, 24, quant_type="nf4").load_state_dict(Linear4bit.from_linear(lin, quant_type="fp4").state_dict())
 
 
+def test_meta_built_layers_take_the_loaded_tensors_where_they_are(rng):
+    """load_quantized builds its quantized layers on the meta device (no zero-filled buffers
+    beside the loaded ones): loading a state dict gives them real tensors, the same outputs."""
+    lin = make_linear(rng, 40, 24)
+    x = torch.randn(3, 40)
+    for src in (Linear4bit.from_linear(lin), Linear4bit.from_linear(lin, quant_type="fp4", double_quant=False),
+                Linear8bitLt.from_linear(lin)):
+        args = dict(quant_type=src.quant_type, double_quant=src.double_quant) if isinstance(src, Linear4bit) else {}
+        meta = type(src)(40, 24, device="meta", **args)
+        assert meta.weight.is_meta
+        assert meta.load_state_dict(src.state_dict()).missing_keys == []
+        assert not any(t.is_meta for t in list(meta.parameters()) + list(meta.buffers()))
+        torch.testing.assert_close(meta(x), src(x), rtol=0, atol=0)
+
+
+def test_load_quantized_builds_quantized_layers_on_meta(tmp_path, monkeypatch):
+    import transformers
+
+    from nybble.checkpoint import quantize_checkpoint
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    dense = tmp_path / "dense"
+    transformers.LlamaForCausalLM(cfg).save_pretrained(str(dense))
+    quantize_checkpoint(dense, tmp_path / "packed", error_stats=False)
+    devices = []
+    init = Linear4bit.__init__
+
+    def spy(self, *a, **kw):
+        devices.append(str(kw.get("device")))
+        init(self, *a, **kw)
+
+    monkeypatch.setattr(Linear4bit, "__init__", spy)
+    model = nybble.load_quantized(tmp_path / "packed", transformers.AutoModelForCausalLM)
+    assert devices and set(devices) == {"meta"}
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert len(layers) == len(devices) and all(m.weight.device.type == "cpu" for m in layers)
+    assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+
+
 def test_linear8bit_forward_matches_llm_int8_reference(rng):
     lin = make_linear(rng, 64, 32)
     q = Linear8bitLt.from_linear(lin, threshold=6.0)

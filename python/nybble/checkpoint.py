@@ -239,14 +239,21 @@ class Checkpoint:
         return name in self.entries
 
     def read(self, name: str) -> np.ndarray:
-        """One tensor as a numpy array (bfloat16 as ``ml_dtypes.bfloat16``)."""
+        """One tensor as a writable numpy array that owns its bytes (bfloat16 as
+        ``ml_dtypes.bfloat16``): torch can take it as it is, without a second copy."""
         e = self.entries[name]
         dtype = _NUMPY_DTYPES.get(e.dtype)
         if dtype is None:
             raise CheckpointError(f"{e.file}: tensor {name!r}: dtype {e.dtype} is not supported here")
+        data = bytearray(e.nbytes)
+        view, got = memoryview(data), 0
         with open(e.file, "rb") as f:
-            data = os.pread(f.fileno(), e.nbytes, e.offset)
-        if len(data) != e.nbytes:
+            while got < e.nbytes:  # one read returns at most ~2 GiB on Linux
+                n = os.preadv(f.fileno(), [view[got:]], e.offset + got)
+                if n == 0:
+                    break
+                got += n
+        if got != e.nbytes:
             raise CheckpointError(f"{e.file}: tensor {name!r}: file shrank while reading")
         return np.frombuffer(data, dtype=dtype).reshape(e.shape)
 

@@ -548,18 +548,18 @@ def load_quantized(
             new = Linear4bit(lin.in_features, lin.out_features, lin.bias is not None, w.format,
                              w.blocksize, w.double_quant, compute_dtype,
                              # The storage each weight was written with (bnb_4bit_quant_storage, per tensor).
-                             quant_storage=w.quant_storage or qc.quant_storage)
+                             quant_storage=w.quant_storage or qc.quant_storage, device="meta")
         else:
-            new = Linear8bitLt(lin.in_features, lin.out_features, lin.bias is not None, qc.threshold)
+            new = Linear8bitLt(lin.in_features, lin.out_features, lin.bias is not None, qc.threshold, device="meta")
         _set_module(model, n, new)
 
     state = {}
     for name in ckpt.entries:
-        arr = ckpt.read(name)
+        arr = ckpt.read(name)  # writable and its own: no copy
         if arr.dtype.name == "bfloat16":
-            state[name] = torch.from_numpy(arr.view(np.int16).copy()).view(torch.bfloat16)
+            state[name] = torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
         else:
-            state[name] = torch.from_numpy(arr.copy())
+            state[name] = torch.from_numpy(arr)
     # The values of every packed weight's constants, before any module takes them.
     for weight, w in weights.items():
         try:

@@ -375,7 +375,8 @@ class Linear4bit(nn.Module):
         except ValueError as err:
             error_msgs.append(f"{prefix}weight: {err}")
             return
-        dev = self.weight.device
+        # A module built on the meta device (load_quantized) takes the tensors where they are.
+        dev = state_dict[prefix + _WEIGHT].device if self.weight.is_meta else self.weight.device
         self.invalidate_absmax_cache()
 
         def take(name):

@@ -87,7 +87,7 @@ class Linear8bitLt(nn.Module):
         except ValueError as err:
             error_msgs.append(f"{prefix}weight: {err}")
             return
-        dev = self.weight.device
+        dev = w.device if self.weight.is_meta else self.weight.device  # meta-built: see Linear4bit
         self.weight = w.to(dev).contiguous()
         self.scb_bits = state_dict[prefix + _SCB].to(dev).float().contiguous().view(torch.int32)
         if self.bias is not None:
