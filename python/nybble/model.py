@@ -460,18 +460,25 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
 
 @contextlib.contextmanager
-def _linear_weights_on_meta() -> Iterator[None]:
-    """While building a model, nn.Linear layers allocate nothing (their weights arrive packed)."""
-    original = nn.Linear.__init__
+def _weights_on_meta() -> Iterator[None]:
+    """While building a model, nn.Linear and nn.Embedding layers allocate nothing: their
+    weights arrive from the checkpoint (Linear ones packed), and a random init of them would
+    only raise the peak memory."""
+    originals = {cls: cls.__init__ for cls in (nn.Linear, nn.Embedding)}
 
-    def init(self, in_features, out_features, bias=True, device=None, dtype=None):
-        original(self, in_features, out_features, bias, device="meta", dtype=dtype)
+    def on_meta(original):
+        def init(self, *args, **kwargs):
+            kwargs["device"] = "meta"
+            original(self, *args, **kwargs)
+        return init
 
-    nn.Linear.__init__ = init
+    for cls, original in originals.items():
+        cls.__init__ = on_meta(original)
     try:
         yield
     finally:
-        nn.Linear.__init__ = original
+        for cls, original in originals.items():
+            cls.__init__ = original
 
 
 def load_quantized(
@@ -517,7 +524,7 @@ def load_quantized(
         config = transformers.AutoConfig.from_pretrained(str(path))
         if hasattr(config, "quantization_config"):
             del config.quantization_config
-        with _linear_weights_on_meta():
+        with _weights_on_meta():
             model = (model_class.from_config(config, dtype=dtype) if hasattr(model_class, "from_config")
                      else model_class(config))
     except Exception as err:  # transformers / torch on a config.json they cannot use
