@@ -27,6 +27,8 @@ from nybble.kernels import reference as ref  # noqa: E402
 from nybble.nn import Linear4bit  # noqa: E402
 
 LEVELS = _core.simd_levels()
+#: Each level, and at AVX2 each of its two decodes forced (NYBBLE_AVX2_DECODE) whatever the vendor.
+LEVEL_RUNS = LEVELS + ([f"avx2:{d}" for d in ("permute", "shuffle")] if "avx2" in LEVELS else [])
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 EPS32 = 2.0**-24
 #: Unit roundoff of each output dtype, and half its smallest subnormal (the absolute rounding
@@ -91,10 +93,13 @@ def test_levels_are_a_ladder_starting_with_portable():
     assert info.value.requested == "sse9" and "portable" in info.value.available
 
 
-@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("level", LEVEL_RUNS)
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_fused_4bit_against_float64(gen, level, quant_type, double_quant):
+def test_fused_4bit_against_float64(gen, monkeypatch, level, quant_type, double_quant):
+    level, _, decode = level.partition(":")
+    if decode:
+        monkeypatch.setenv("NYBBLE_AVX2_DECODE", decode)
     cases = [  # (M, N, K, blocksize): odd N, K not a multiple of the blocksize / of 32, odd K
         (1, 7, 64, 64),
         (1, 33, 96, 64),  # blocks span rows
@@ -123,14 +128,16 @@ def test_fused_4bit_against_float64(gen, level, quant_type, double_quant):
 
 
 @pytest.mark.parametrize("blocksize", [32, 64, 128, 256, 512, 1024, 2048, 4096])
-def test_every_blocksize_every_level(gen, blocksize):
-    for level in LEVELS:
+def test_every_blocksize_every_level(gen, monkeypatch, blocksize):
+    for run in LEVEL_RUNS:
+        level, _, decode = run.partition(":")
+        monkeypatch.setenv("NYBBLE_AVX2_DECODE", decode or "")
         for m, k in ((1, blocksize + 96), (4, blocksize + 96), (12, blocksize + 96), (12, 2 * blocksize)):
             n = 21  # K = blocksize + 96: not a multiple of the blocksize; 2 * blocksize: whole blocks
             packed, absmax = _quantized(gen, n, k, blocksize, "nf4", False)
             x = torch.randn(m, k, generator=gen).bfloat16()
             got = _cpu.matmul_4bit_fused(x, packed, absmax, [n, k], blocksize, "nf4", None, simd=level)
-            _check_4bit(got, x, packed, absmax, (n, k), blocksize, "nf4", None, f"{level} bs={blocksize} m={m}")
+            _check_4bit(got, x, packed, absmax, (n, k), blocksize, "nf4", None, f"{run} bs={blocksize} m={m}")
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

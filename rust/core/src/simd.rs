@@ -134,6 +134,25 @@ impl SimdLevel {
     }
 }
 
+/// Whether the CPU's vendor string is AMD's ("AuthenticAMD"): the AVX2 kernels choose their
+/// decode by it ([`crate::matmul::Avx2Decode`]).
+pub fn cpu_is_amd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AMD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AMD.get_or_init(|| {
+            // CPUID leaf 0 exists on every x86-64 CPU.
+            let r = std::arch::x86_64::__cpuid(0);
+            // The vendor string is in EBX, EDX, ECX: "Auth" "enti" "cAMD".
+            [r.ebx, r.edx, r.ecx] == [0x6874_7541, 0x6974_6E65, 0x444D_4163]
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
