@@ -240,8 +240,8 @@ def crossover(args) -> list[dict]:
     """Fused kernel vs dequantize + BLAS (what ``matmul_4bit`` does above the threshold)."""
     flush = Flusher(not args.no_flush)
     rows = []
-    print("\n| layer | M | fused ms | dequant+BLAS ms | fused speed-up |")
-    print("|---|---|---|---|---|")
+    print("\n| layer | M | fused ms | dequant+BLAS ms | dequant+BLAS in f32 ms | fused speed-up | vs f32 BLAS |")
+    print("|---|---|---|---|---|---|---|")
     for out_f, in_f in args.shapes:
         g = torch.Generator().manual_seed(1)
         w = (torch.randn(out_f, in_f, generator=g) * 0.02).bfloat16()
@@ -254,11 +254,16 @@ def crossover(args) -> list[dict]:
                 wd = _cpu.dequantize_4bit(packed, absmax, shape, 64, "nf4", x.dtype)
                 return F.linear(x, wd)
 
+            def deq32(x=x):  # the weight decoded to float32 and a float32 GEMM, rounded once
+                wd = _cpu.dequantize_4bit(packed, absmax, shape, 64, "nf4", torch.float32)
+                return F.linear(x.float(), wd).to(x.dtype)
+
             t = interleaved({"fused": lambda x=x: _cpu.matmul_4bit_fused(x, packed, absmax, shape, 64, "nf4", None),
-                             "deq": deq}, args.reps, flush)
-            rows.append({"shape": f"{out_f}x{in_f}", "m": m, "fused_ms": t["fused"] * 1e3, "deq_ms": t["deq"] * 1e3})
-            print(f"| {out_f}x{in_f} | {m} | {t['fused'] * 1e3:.3f} | {t['deq'] * 1e3:.3f} | "
-                  f"{t['deq'] / t['fused']:.2f}x |", flush=True)
+                             "deq": deq, "deq32": deq32}, args.reps, flush)
+            rows.append({"shape": f"{out_f}x{in_f}", "m": m, "fused_ms": t["fused"] * 1e3, "deq_ms": t["deq"] * 1e3,
+                         "deq32_ms": t["deq32"] * 1e3})
+            print(f"| {out_f}x{in_f} | {m} | {t['fused'] * 1e3:.3f} | {t['deq'] * 1e3:.3f} | {t['deq32'] * 1e3:.3f} | "
+                  f"{t['deq'] / t['fused']:.2f}x | {t['deq32'] / t['fused']:.2f}x |", flush=True)
     return rows
 
 

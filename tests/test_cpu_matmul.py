@@ -193,7 +193,7 @@ def test_dispatch_uses_fused_up_to_the_threshold(gen, monkeypatch):
     monkeypatch.setattr(_core, "matmul_4bit", spy)
     n, k = 24, 128
     packed, absmax = _quantized(gen, n, k, 64, "nf4", False)
-    limit = _cpu.FUSED_4BIT_MAX_M
+    limit = _cpu.fused_4bit_max_m(torch.float32)
     for m in (1, limit, limit + 1):
         x = torch.randn(m, k, generator=gen)
         y = kernels.matmul_4bit(x, packed, absmax, (n, k), 64, "nf4")
@@ -214,6 +214,7 @@ def test_fused_limit_follows_the_blas(gen, monkeypatch):
     assert isinstance(_cpu.cpu_flags(), frozenset)
     assert _cpu._amx_tiles() == ("amx_bf16" in _core.simd_levels())
     monkeypatch.setattr(_cpu, "cpu_flags", lambda: frozenset({"avx512_bf16", "amx_bf16"}))
+    monkeypatch.setattr(_cpu, "_kernel_level", lambda: "amx_bf16")
     monkeypatch.setattr(_cpu, "_amx_tiles", lambda: True)
     assert _cpu.fused_4bit_max_m(torch.bfloat16) == _cpu.FUSED_4BIT_MAX_M
     monkeypatch.setattr(_cpu, "_amx_tiles", lambda: False)
@@ -221,7 +222,13 @@ def test_fused_limit_follows_the_blas(gen, monkeypatch):
     assert _cpu.fused_4bit_max_m(torch.float32) == _cpu.FUSED_4BIT_MAX_M
     assert _cpu.fused_4bit_max_m(torch.float16) is None
     monkeypatch.setattr(_cpu, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    monkeypatch.setattr(_cpu, "_kernel_level", lambda: "avx512_bf16")
     assert _cpu.fused_4bit_max_m(torch.bfloat16) == _cpu.FUSED_4BIT_MAX_M
+    # AVX2 only: the float32 BLAS takes over sooner, for float32 and bf16 x alike.
+    monkeypatch.setattr(_cpu, "_kernel_level", lambda: "avx2")
+    assert _cpu.fused_4bit_max_m(torch.bfloat16) == _cpu.fused_4bit_max_m(torch.float32) == _cpu.FUSED_4BIT_MAX_M_AVX2
+    assert _cpu.fused_4bit_max_m(torch.float16) is None
+    monkeypatch.setattr(_cpu, "_kernel_level", lambda: "avx512_bf16")
     packed, absmax = _quantized(gen, 24, 128, 64, "nf4", False)
     x = torch.randn(_cpu.FUSED_4BIT_MAX_M_AMX + 1, 128, generator=gen).to(torch.bfloat16)
     assert _cpu.fused_4bit_applies(x, packed)
@@ -256,6 +263,26 @@ def test_bf16_x_takes_the_f32_kernel_where_bf16_dot_products_are_slow(gen, monke
     monkeypatch.setattr(_cpu, "_bf16_dot_is_slow", lambda: True)
     _cpu.matmul_4bit_fused(torch.randn(4, 128).bfloat16(), packed, absmax, (24, 128), 64, "nf4", None)
     assert levels[-1] is None  # NYBBLE_SIMD decides
+
+
+def test_bf16_above_the_limit_multiplies_in_float32_without_bf16_instructions(gen, monkeypatch):
+    """Without bf16 dot-product instructions torch emulates the bf16 GEMM: above the fused
+    limit bf16 x is multiplied by the weight decoded to float32, the result rounded once."""
+    n, k, bs = 40, 256, 64
+    packed, absmax = _quantized(gen, n, k, bs, "nf4", True)
+    bias = torch.randn(n, generator=gen)
+    monkeypatch.setenv("NYBBLE_FUSED_MAX_M", "4")
+    x = torch.randn(9, k, generator=gen).bfloat16()
+    w32 = _cpu.dequantize_4bit(packed, absmax, (n, k), bs, "nf4", torch.float32)
+    monkeypatch.setattr(_cpu, "_bf16_gemm_is_native", lambda: False)
+    got = kernels.matmul_4bit(x, packed, absmax, (n, k), bs, "nf4", bias)
+    want = torch.nn.functional.linear(x.float(), w32, bias.bfloat16().float()).bfloat16()
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    _check_4bit(got, x, packed, absmax, (n, k), bs, "nf4", bias, "float32 BLAS")
+    monkeypatch.setattr(_cpu, "_bf16_gemm_is_native", lambda: True)  # the bf16 GEMM
+    w16 = _cpu.dequantize_4bit(packed, absmax, (n, k), bs, "nf4", torch.bfloat16)
+    got = kernels.matmul_4bit(x, packed, absmax, (n, k), bs, "nf4", bias)
+    assert torch.equal(got, torch.nn.functional.linear(x, w16, bias.bfloat16()))
 
 
 def test_fused_grad_x_and_empty_inputs(gen):

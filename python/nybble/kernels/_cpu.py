@@ -113,10 +113,17 @@ def quantize_4bit(w, blocksize, quant_type):
 #:   still use them): dequantize + BLAS wins from M = 48 (fused speed-up 2.2x at 16,
 #:   1.08-1.11x at 32, 0.70-0.81x at 48): bf16 x there switches above FUSED_4BIT_MAX_M_AMX.
 #:   float32 x does not use AMX (no bf16 rounding allowed), so it keeps 256.
+#: - AMD EPYC Zen 3 (AVX2 only, no bf16 instructions; nybble's ``avx2`` level): torch's bf16
+#:   GEMM is emulated there (2.3-2.8x slower than the fused kernel even at M = 256), so bf16 x
+#:   above the limit is decoded to float32 and multiplied by the float32 BLAS, rounded once
+#:   (:func:`_bf16_gemm_is_native`). Fused / (dequantize + float32 BLAS) time, bf16 x: 0.50
+#:   at M=32, 0.98-0.70 at 64, 1.16-1.25 at 128; float32 x: 0.57-0.65 at 64, 0.89-1.04 at 96,
+#:   1.02-1.11 at 128 (4096x4096, 11008x4096). Hence FUSED_4BIT_MAX_M_AVX2 for both.
 #: Float16 x always takes the fused kernel: torch's float16 CPU GEMM is 3.5-5x slower than it
 #: at every M measured (128-384). ``NYBBLE_FUSED_MAX_M`` overrides the limit (every dtype).
 FUSED_4BIT_MAX_M = 256
 FUSED_4BIT_MAX_M_AMX = 32
+FUSED_4BIT_MAX_M_AVX2 = 96
 
 
 @functools.lru_cache(maxsize=1)
@@ -142,7 +149,21 @@ def fused_4bit_max_m(dtype: torch.dtype) -> int | None:
         return None
     if dtype == torch.bfloat16 and "amx_bf16" in cpu_flags() and not _amx_tiles():
         return FUSED_4BIT_MAX_M_AMX
+    if _kernel_level() == "avx2":
+        return FUSED_4BIT_MAX_M_AVX2
     return FUSED_4BIT_MAX_M
+
+
+def _kernel_level() -> str:
+    """The SIMD level the fused kernels run at by default (``NYBBLE_SIMD``, else the best)."""
+    return _core.simd_level(None)
+
+
+@functools.lru_cache(maxsize=1)
+def _bf16_gemm_is_native() -> bool:
+    """Whether the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX-BF16), which
+    torch's bf16 GEMM uses; without them the dequantize + BLAS path multiplies in float32."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 @functools.lru_cache(maxsize=1)
@@ -214,6 +235,11 @@ def matmul_4bit_views(x, packed: np.ndarray, absmax: np.ndarray, n_out: int, n_i
 def matmul_4bit(x, packed, absmax, shape, blocksize, quant_type, bias):
     if fused_4bit_applies(x, packed):
         return matmul_4bit_fused(x, packed, absmax, shape, blocksize, quant_type, bias)
+    if x.dtype == torch.bfloat16 and not _bf16_gemm_is_native():
+        # No bf16 instructions: torch emulates the bf16 GEMM; decode to float32 and round once.
+        w = dequantize_4bit(packed, absmax, shape, blocksize, quant_type, torch.float32)
+        b = None if bias is None else bias.to(x.dtype).float()
+        return torch.nn.functional.linear(x.float(), w, b).to(x.dtype)
     # Decode W once into x's dtype (float64: exact products), then one BLAS call.
     w = dequantize_4bit(packed, absmax, shape, blocksize, quant_type, x.dtype)
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
