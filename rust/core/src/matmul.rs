@@ -23,7 +23,11 @@
 //!   even: the weight `dequantize_4bit(..., bfloat16)` gives, i.e. what the dense bf16 path
 //!   multiplies) and `vpermw` decodes 32 weights in x's own element order, one `vdpbf16ps` per
 //!   row of x (32 multiply-adds, f32 accumulation; like every bf16 dot-product instruction it
-//!   flushes denormals).
+//!   flushes denormals). Up to [`WIDE_MAX_ROWS`] rows the *wide* decode: 32 packed bytes widen
+//!   to 32 words and two `vpermw` (the low nibble; the high one shifted down) give 64 weights,
+//!   half the decode instructions per weight; x is laid out once per call with each 64-chunk's
+//!   even elements before its odd ones. One row of x uses the unscaled table and scales each
+//!   span's partial sum in f32.
 //! - **AVX2 + FMA**: as AVX-512 f32 with 8-wide `vpermps` on the two table halves and a blend on
 //!   the code's top bit; on AMD CPUs (slow 256-bit `vpermps`) four `vpshufb` on the table's
 //!   byte planes and unpacks instead ([`Avx2Decode`]). One row of bf16 x: `vpshufb` of the
@@ -79,6 +83,9 @@ pub enum Kernel4 {
     Avx512F32,
     /// AVX-512 register decode to bf16, `vdpbf16ps` (bf16 x, K % 32 == 0).
     Avx512Bf16,
+    /// AVX-512 BF16 on the wide decode: 32 packed bytes widened to words, two `vpermw` give
+    /// 64 bf16 weights (bf16 x, K % 32 == 0; x laid out by [`prep_x_wide`]).
+    Avx512Bf16Wide,
     /// AMX-BF16 tiles fed by an AVX-512 decode (bf16 x, M > 1, K and the blocksize multiples
     /// of 32, blocks within rows): [`crate::matmul_amx`].
     AmxBf16,
@@ -88,6 +95,12 @@ pub enum Kernel4 {
 /// faster (measured 4096x4096 and 11008x4096 NF4, 2 threads, cold cache: 2.0-2.3x vs
 /// 1.7-1.9x dense bf16 at M = 2, equal at 4, 1.3x vs 1.6x at 6; at 16 0.6x vs 1.65x).
 pub const AMX_MIN_ROWS: usize = 5;
+
+/// Most rows of bf16 x for the wide-decode kernel ([`Kernel4::Avx512Bf16Wide`]); above it
+/// the narrow one, whose larger register tiles win once the decode is amortised over many rows.
+/// Measured on Zen 4 (single thread, 4096-wide NF4 rows in L2): M = 1 1.6-1.8x the f32-FMA
+/// kernel (L2, L3 and DRAM alike), M = 2-16 1.16-1.3x the narrow kernel, M = 32 0.9x.
+pub const WIDE_MAX_ROWS: usize = 16;
 
 /// How the AVX2 f32-FMA kernels turn codes into exact f32 weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,7 +129,8 @@ impl Avx2Decode {
 }
 
 /// The kernel [`matmul_4bit`] runs for `rows` rows of x of type `T`, K columns and SIMD
-/// `level`. One row of bf16 x runs the f32 kernel: as fast there, and W is not rounded to bf16.
+/// `level`. At `avx512_bf16` bf16 x runs the bf16 kernels (W rounded to bf16, as the dense bf16
+/// path multiplies it); below that level one row of bf16 x runs the f32 kernel.
 pub fn kernel_for<T: Element>(
     rows: usize,
     in_features: usize,
@@ -150,10 +164,12 @@ pub fn kernel_with<T: Element>(
         }
         SimdLevel::Avx512 | SimdLevel::Avx512Vnni => Kernel4::Avx512F32,
         SimdLevel::Avx512Bf16 => {
-            if rows > 1 && TypeId::of::<T>() == TypeId::of::<bf16>() {
-                Kernel4::Avx512Bf16
-            } else {
+            if TypeId::of::<T>() != TypeId::of::<bf16>() {
                 Kernel4::Avx512F32
+            } else if rows <= WIDE_MAX_ROWS {
+                Kernel4::Avx512Bf16Wide
+            } else {
+                Kernel4::Avx512Bf16
             }
         }
         // Where the tiles do not apply, the f32-FMA kernel: on these CPUs `vdpbf16ps` issues
@@ -381,6 +397,18 @@ fn run_kernel<T: Element>(
             )
         }
         #[cfg(target_arch = "x86_64")]
+        Kernel4::Avx512Bf16Wide => {
+            // SAFETY: T is bf16 (kernel_for checked the TypeId), repr(transparent) over u16.
+            let xb: &[u16] = unsafe { std::slice::from_raw_parts(x.as_ptr().cast(), x.len()) };
+            let xw = prep_x_wide(threads, xb, m, k);
+            let c = ctx(w, m, XRef::Bf16(&xw));
+            // SAFETY: as above.
+            tasks(
+                &|r0, r1, o| unsafe { x86::task_avx512_bf16_wide(&c, r0, r1, o) },
+                acc,
+            )
+        }
+        #[cfg(target_arch = "x86_64")]
         Kernel4::AmxBf16 => {
             // SAFETY: T is bf16 (kernel_for checked the TypeId), repr(transparent) over u16.
             let xb: &[u16] = unsafe { std::slice::from_raw_parts(x.as_ptr().cast(), x.len()) };
@@ -470,6 +498,27 @@ fn prep_x_split<T: Element>(
         }
     });
     xf
+}
+
+/// bf16 x with each 64-chunk as its 32 even elements then its 32 odd ones (a final 32-chunk:
+/// 16 and 16), the order the wide decode produces weights in. K % 32 == 0.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn prep_x_wide(threads: Threads, x: &[u16], m: usize, k: usize) -> Vec<u16> {
+    let mut xw = vec![0u16; m * k];
+    let rows_per_task = (1 << 15) / k.max(1) + 1;
+    par_chunks_mut(threads, &mut xw, rows_per_task * k, |t, part| {
+        for (j, row) in part.chunks_mut(k).enumerate() {
+            let i = t * rows_per_task + j;
+            for (og, ig) in row.chunks_mut(64).zip(x[i * k..i * k + k].chunks(64)) {
+                let (even, odd) = og.split_at_mut(ig.len() / 2);
+                for (q, pair) in ig.chunks_exact(2).enumerate() {
+                    even[q] = pair[0];
+                    odd[q] = pair[1];
+                }
+            }
+        }
+    });
+    xw
 }
 
 /// Element order, within each 32-chunk, in which the AVX2 bf16 decode produces weights: two
@@ -989,8 +1038,8 @@ mod x86 {
 
     // ------------------------------------------------------------ AVX-512 BF16, M > 1
 
-    /// bf16 x (natural order) with per-span bf16 tables and `vdpbf16ps`; only for M > 1 (one
-    /// row of x runs the f32 kernel, as fast and without rounding W to bf16).
+    /// bf16 x (natural order) with per-span bf16 tables and `vdpbf16ps`, for more than
+    /// [`super::WIDE_MAX_ROWS`] rows (fewer run [`task_avx512_bf16_wide`]).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")]
     pub(super) unsafe fn task_avx512_bf16(c: &Ctx, r0: usize, r1: usize, out: &mut [f32]) {
         let XRef::Bf16(x) = c.x else {
@@ -1082,6 +1131,232 @@ mod x86 {
                     }
                 }
                 k += 32;
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            for (r, v) in a.iter().enumerate() {
+                *out.add(r * os + i) = _mm512_reduce_add_ps(*v);
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ AVX-512 BF16, wide decode
+
+    /// Where, in the [`super::prep_x_wide`] layout, the even and the odd elements of the
+    /// 32-chunk at `k` start: each 64-chunk holds its 32 even elements then its 32 odd ones (a
+    /// final 32-chunk its 16 and 16).
+    #[inline(always)]
+    fn wide_halves(k: usize, len: usize) -> (usize, usize) {
+        let c = k & !63;
+        let half = (len - c).min(64) / 2;
+        let h = (k - c) / 2; // 0 or 16
+        (c + h, c + half + h)
+    }
+
+    /// 64 weights from 32 packed bytes: their bytes widen to words, `vpermw` looks up the low
+    /// nibble (bit 4 of the index is the high nibble's low bit, ignored: the 16-word table is
+    /// repeated) and the high nibble shifted down. Returns (even elements, odd elements).
+    #[inline(always)]
+    unsafe fn decode64_bf16(src: *const u8, tab: __m512i) -> (__m512i, __m512i) {
+        let v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(src.cast()));
+        (
+            _mm512_permutexvar_epi16(_mm512_srli_epi16::<4>(v), tab),
+            _mm512_permutexvar_epi16(v, tab),
+        )
+    }
+
+    /// [`decode64_bf16`] for 32 weights: the upper 16 words of each result are table[0]
+    /// (multiplied by the zeros [`load16_bf16`] puts above x's 16).
+    #[inline(always)]
+    unsafe fn decode32_bf16(src: *const u8, tab: __m512i) -> (__m512i, __m512i) {
+        let v = _mm512_cvtepu8_epi16(_mm256_zextsi128_si256(_mm_loadu_si128(src.cast())));
+        (
+            _mm512_permutexvar_epi16(_mm512_srli_epi16::<4>(v), tab),
+            _mm512_permutexvar_epi16(v, tab),
+        )
+    }
+
+    /// 16 bf16 of x, the upper 16 words zero.
+    #[inline(always)]
+    unsafe fn load16_bf16(p: *const u16) -> __m512bh {
+        std::mem::transmute(_mm512_maskz_loadu_epi16(0xFFFF, p.cast()))
+    }
+
+    #[inline(always)]
+    unsafe fn dp(acc: __m512, w: __m512i, x: __m512bh) -> __m512 {
+        _mm512_dpbf16_ps(acc, std::mem::transmute::<__m512i, __m512bh>(w), x)
+    }
+
+    /// The bf16 kernels on the wide decode: x in the [`super::prep_x_wide`] layout.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")]
+    pub(super) unsafe fn task_avx512_bf16_wide(c: &Ctx, r0: usize, r1: usize, out: &mut [f32]) {
+        let XRef::Bf16(x) = c.x else {
+            unreachable!("the bf16 kernel reads bf16 x")
+        };
+        let (k, m) = (c.k, c.m);
+        let table = _mm512_loadu_ps(c.table.as_ptr());
+        let mut sc = Scratch::new();
+        let mut r = r0;
+        if m == 1 {
+            let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(table));
+            let tab = _mm512_broadcast_i64x4(h);
+            while r < r1 {
+                let o = out.as_mut_ptr().add(r - r0);
+                let nt = if r1 - r >= NT1 { NT1 } else { 1 };
+                let t = plan(c, r, nt, &mut sc.spans, &mut sc.scales);
+                if nt == NT1 {
+                    row_bf16_wide::<NT1>(&t, tab, x.as_ptr(), k, o);
+                } else {
+                    row_bf16_wide::<1>(&t, tab, x.as_ptr(), k, o);
+                }
+                r += nt;
+            }
+            return;
+        }
+        // Register tiles: each 64-step holds 2 * NT decoded vectors (even and odd elements),
+        // so the tiles are smaller than `task_avx512_bf16`'s. Measured on Zen 4 (single thread,
+        // 512x4096 NF4 in L2, against that kernel): (4, 4) 1.16x at M = 2, (4, 3) 1.25-1.3x at
+        // M = 8 and 16; at 32 it is 0.9x, so above WIDE_MAX_ROWS the narrow kernel runs.
+        let (mt_max, nt_main) = if m <= 4 { (4, 4) } else { (4, 3) };
+        while r < r1 {
+            let o = out.as_mut_ptr().add((r - r0) * m);
+            let nt = if r1 - r >= nt_main { nt_main } else { 1 };
+            let mut t = plan(c, r, nt, &mut sc.spans, &mut sc.scales);
+            let lp = lut_buffer(&mut sc.luts, t.spans.count() * nt);
+            for s in 0..t.spans.count() {
+                for j in 0..nt {
+                    let v = _mm512_mul_ps(table, _mm512_set1_ps(*t.scales[j].add(s)));
+                    let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+                    _mm512_store_si512(lp.add(s * nt + j).cast(), _mm512_broadcast_i64x4(h));
+                }
+            }
+            t.luts = lp;
+            let mut i = 0;
+            while i < m {
+                let mt = mt_max.min(m - i);
+                let xp = x.as_ptr().add(i * k);
+                if nt_main == 2 {
+                    dispatch_tile!(lut_bf16_wide, &t, mt, nt, 2, xp, k, o.add(i), m);
+                } else if nt_main == 3 {
+                    dispatch_tile!(lut_bf16_wide, &t, mt, nt, 3, xp, k, o.add(i), m);
+                } else {
+                    dispatch_tile!(lut_bf16_wide, &t, mt, nt, 4, xp, k, o.add(i), m);
+                }
+                i += mt;
+            }
+            r += nt;
+        }
+    }
+
+    /// One row of x by `NT` rows of W: the unscaled bf16 table, each span's partial sum scaled
+    /// by its absmax in f32.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")]
+    unsafe fn row_bf16_wide<const NT: usize>(
+        t: &Tile,
+        tab: __m512i,
+        x: *const u16,
+        len: usize,
+        out: *mut f32,
+    ) {
+        let mut acc = [_mm512_setzero_ps(); NT];
+        for s in 0..t.spans.count() {
+            let (k0, k1) = t.spans.get(s);
+            let mut blk = [_mm512_setzero_ps(); NT];
+            let mut k = k0;
+            while k < k1 {
+                prefetch_next::<NT>(t, k);
+                if k % 64 == 0 && k + 64 <= k1 {
+                    prefetch_next::<NT>(t, k + 32);
+                    let xe = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                        x.add(k).cast(),
+                    ));
+                    let xo = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                        x.add(k + 32).cast(),
+                    ));
+                    for r in 0..NT {
+                        let (we, wo) = decode64_bf16(t.rows[r].add(k / 2), tab);
+                        blk[r] = dp(blk[r], we, xe);
+                        blk[r] = dp(blk[r], wo, xo);
+                    }
+                    k += 64;
+                } else {
+                    let (e, o) = wide_halves(k, len);
+                    let (xe, xo) = (load16_bf16(x.add(e)), load16_bf16(x.add(o)));
+                    for r in 0..NT {
+                        let (we, wo) = decode32_bf16(t.rows[r].add(k / 2), tab);
+                        blk[r] = dp(blk[r], we, xe);
+                        blk[r] = dp(blk[r], wo, xo);
+                    }
+                    k += 32;
+                }
+            }
+            for r in 0..NT {
+                acc[r] = _mm512_fmadd_ps(blk[r], _mm512_set1_ps(*t.scales[r].add(s)), acc[r]);
+            }
+        }
+        for (r, v) in acc.iter().enumerate() {
+            *out.add(r) = _mm512_reduce_add_ps(*v);
+        }
+    }
+
+    /// `MT` rows of x (stride `xs`, also K) by `NT` rows of W with per-span scaled bf16 tables;
+    /// sums to `out[r * os + i]`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")]
+    unsafe fn lut_bf16_wide<const MT: usize, const NT: usize>(
+        t: &Tile,
+        x: *const u16,
+        xs: usize,
+        out: *mut f32,
+        os: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); NT]; MT];
+        let mut lut = t.luts;
+        for s in 0..t.spans.count() {
+            let (k0, k1) = t.spans.get(s);
+            let mut tab = [_mm512_setzero_si512(); NT];
+            for (r, tb) in tab.iter_mut().enumerate() {
+                *tb = _mm512_load_si512(lut.add(r).cast());
+            }
+            lut = lut.add(NT);
+            let mut k = k0;
+            while k < k1 {
+                prefetch_next::<NT>(t, k);
+                let mut we = [_mm512_setzero_si512(); NT];
+                let mut wo = [_mm512_setzero_si512(); NT];
+                if k % 64 == 0 && k + 64 <= k1 {
+                    prefetch_next::<NT>(t, k + 32);
+                    for r in 0..NT {
+                        (we[r], wo[r]) = decode64_bf16(t.rows[r].add(k / 2), tab[r]);
+                    }
+                    // Each x vector is loaded once and used by every row of W in the tile.
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        let xp = x.add(i * xs + k);
+                        let xe =
+                            std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(xp.cast()));
+                        let xo = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                            xp.add(32).cast(),
+                        ));
+                        for r in 0..NT {
+                            a[r] = dp(a[r], we[r], xe);
+                            a[r] = dp(a[r], wo[r], xo);
+                        }
+                    }
+                    k += 64;
+                } else {
+                    for r in 0..NT {
+                        (we[r], wo[r]) = decode32_bf16(t.rows[r].add(k / 2), tab[r]);
+                    }
+                    let (e, o) = wide_halves(k, xs);
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        let xe = load16_bf16(x.add(i * xs + e));
+                        let xo = load16_bf16(x.add(i * xs + o));
+                        for r in 0..NT {
+                            a[r] = dp(a[r], we[r], xe);
+                            a[r] = dp(a[r], wo[r], xo);
+                        }
+                    }
+                    k += 32;
+                }
             }
         }
         for (i, a) in acc.iter().enumerate() {
@@ -1638,6 +1913,23 @@ mod tests {
     }
 
     #[test]
+    fn wide_bf16_kernel_up_to_its_row_limit() {
+        use super::Kernel4;
+        let l = SimdLevel::Avx512Bf16;
+        assert_eq!(kernel_for::<bf16>(1, 4096, 64, l), Kernel4::Avx512Bf16Wide);
+        assert_eq!(
+            kernel_for::<bf16>(WIDE_MAX_ROWS, 4096, 64, l),
+            Kernel4::Avx512Bf16Wide
+        );
+        assert_eq!(
+            kernel_for::<bf16>(WIDE_MAX_ROWS + 1, 4096, 64, l),
+            Kernel4::Avx512Bf16
+        );
+        assert_eq!(kernel_for::<f32>(1, 4096, 64, l), Kernel4::Avx512F32);
+        assert_eq!(kernel_for::<bf16>(1, 4112, 64, l), Kernel4::Rows);
+    }
+
+    #[test]
     fn amx_kernel_where_it_applies() {
         use super::Kernel4;
         if !SimdLevel::AmxBf16.is_available() {
@@ -1679,6 +1971,12 @@ mod tests {
             (20, 70, 256, 64),
             (40, 37, 128, 128),
             (70, 100, 64, 32),
+            // wide decode: a final 32-chunk (K % 64 == 32), spans starting at odd 32s
+            (1, 17, 224, 32),
+            (1, 9, 4128, 64),
+            (3, 10, 4128, 64),
+            (12, 7, 96, 32),
+            (1, 16, 4160, 4096),
         ] {
             for qt in [QuantType4::Nf4, QuantType4::Fp4] {
                 let seed = (m * 1000 + n * 10 + k) as u64;
