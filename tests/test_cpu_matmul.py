@@ -245,8 +245,8 @@ def test_bf16_x_takes_the_f32_kernel_where_bf16_dot_products_are_slow(gen, monke
     real = _core.matmul_4bit
 
     def spy(*args):
-        levels.append(args[-1])
-        return real(*args[:-1], None)  # whatever this machine has
+        levels.append(args[-2])  # (..., simd, threads)
+        return real(*args[:-2], None, args[-1])  # whatever this machine has
 
     monkeypatch.setattr(_core, "matmul_4bit", spy)
     monkeypatch.delenv("NYBBLE_SIMD", raising=False)
@@ -263,6 +263,40 @@ def test_bf16_x_takes_the_f32_kernel_where_bf16_dot_products_are_slow(gen, monke
     monkeypatch.setattr(_cpu, "_bf16_dot_is_slow", lambda: True)
     _cpu.matmul_4bit_fused(torch.randn(4, 128).bfloat16(), packed, absmax, (24, 128), 64, "nf4", None)
     assert levels[-1] is None  # NYBBLE_SIMD decides
+
+
+def test_fused_kernels_run_on_torchs_thread_count(gen, monkeypatch):
+    """``torch.set_num_threads`` bounds the fused kernels as it bounds torch's own ops (the core
+    is handed torch.get_num_threads() at each call), and the result does not depend on it."""
+    seen = []
+    real4, real8 = _core.matmul_4bit, _core.int8_linear
+
+    def spy4(*args):
+        seen.append(("4bit", args[-1]))
+        return real4(*args)
+
+    def spy8(*args):
+        seen.append(("int8", args[-1]))
+        return real8(*args)
+
+    monkeypatch.setattr(_core, "matmul_4bit", spy4)
+    monkeypatch.setattr(_core, "int8_linear", spy8)
+    packed, absmax = _quantized(gen, 37, 256, 64, "nf4", True)
+    x = torch.randn(3, 256, generator=gen).bfloat16()
+    q_w = torch.randint(-127, 128, (37, 256), generator=gen, dtype=torch.int8)
+    scale = torch.rand(37, generator=gen) + 0.5
+    before = torch.get_num_threads()
+    results = {}
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results[threads] = (_cpu.matmul_4bit_fused(x, packed, absmax, (37, 256), 64, "nf4", None),
+                                _cpu.int8_linear(x, q_w, scale, None, 6.0))
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [(kind, t) for t in (1, 2, 3) for kind in ("4bit", "int8")]
+    for t in (2, 3):
+        assert torch.equal(results[t][0], results[1][0]) and torch.equal(results[t][1], results[1][1])
 
 
 def test_bf16_above_the_limit_multiplies_in_float32_without_bf16_instructions(gen, monkeypatch):

@@ -23,6 +23,8 @@ DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat1
 #: run on; they spin between ops, so a second pool would fight them for the cores), or
 #: nybble's rayon pools ("rayon", also the fallback without a loaded libgomp). Set once at
 #: import from NYBBLE_PARALLEL (default "openmp"); ``_core.set_parallel_backend`` changes it.
+#: Either way a call runs on ``torch.get_num_threads()`` threads, the count torch's own ops use
+#: (``torch.set_num_threads`` bounds both).
 PARALLEL_BACKEND = _core.set_parallel_backend(os.environ.get("NYBBLE_PARALLEL", "").strip().lower() or "openmp")
 
 
@@ -228,7 +230,7 @@ def matmul_4bit_views(x, packed: np.ndarray, absmax: np.ndarray, n_out: int, n_i
     out = torch.empty((*lead, n_out), dtype=x.dtype)
     b = None if bias is None else np_view(bias.detach().to(x.dtype).float())
     _core.matmul_4bit(np_view(x), DTYPE_NAMES[x.dtype], math.prod(lead), packed, absmax, n_out, n_in, blocksize,
-                      quant_type, b, np_view(out), simd)
+                      quant_type, b, np_view(out), simd, torch.get_num_threads())
     return out
 
 
@@ -281,7 +283,7 @@ def int8_linear(x, q_w, w_scale, bias, threshold, simd: str | None = None):
     out = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype)
     b = None if bias is None else np_view(bias.detach().float())
     _core.int8_linear(np_view(x), DTYPE_NAMES[x.dtype], _rows(x), np_view(q_w), np_view(w_scale.float()), n_out, n_in,
-                      b, float(threshold), np_view(out), simd)
+                      b, float(threshold), np_view(out), simd, torch.get_num_threads())
     return out
 
 
