@@ -1038,6 +1038,28 @@ mod x86 {
 
     // ------------------------------------------------------------ AVX-512 BF16, M > 1
 
+    /// The 16-entry f32 table `v` rounded to bf16, repeated in both 256-bit halves (`vpermw`
+    /// takes 5-bit indices; the top bit, a neighbouring nibble's, then does not matter).
+    #[inline(always)]
+    unsafe fn bf16_table(v: __m512) -> __m512i {
+        let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+        _mm512_broadcast_i64x4(h)
+    }
+
+    /// The tile's per-span bf16 tables (the code table times each span's absmax, one per row
+    /// and span) into `luts`, and `t.luts` pointed at them.
+    #[inline(always)]
+    unsafe fn scaled_bf16_tables(table: __m512, t: &mut Tile, nt: usize, luts: &mut Vec<Lut>) {
+        let lp = lut_buffer(luts, t.spans.count() * nt);
+        for s in 0..t.spans.count() {
+            for j in 0..nt {
+                let v = _mm512_mul_ps(table, _mm512_set1_ps(*t.scales[j].add(s)));
+                _mm512_store_si512(lp.add(s * nt + j).cast(), bf16_table(v));
+            }
+        }
+        t.luts = lp;
+    }
+
     /// bf16 x (natural order) with per-span bf16 tables and `vdpbf16ps`, for more than
     /// [`super::WIDE_MAX_ROWS`] rows (fewer run [`task_avx512_bf16_wide`]).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")]
@@ -1061,22 +1083,12 @@ mod x86 {
             let o = out.as_mut_ptr().add((r - r0) * m);
             let nt = if r1 - r >= nt_main { nt_main } else { 1 };
             let mut t = plan(c, r, nt, &mut sc.spans, &mut sc.scales);
-            let lp = lut_buffer(&mut sc.luts, t.spans.count() * nt);
-            for s in 0..t.spans.count() {
-                for j in 0..nt {
-                    let v = _mm512_mul_ps(table, _mm512_set1_ps(*t.scales[j].add(s)));
-                    let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
-                    _mm512_store_si512(lp.add(s * nt + j).cast(), _mm512_broadcast_i64x4(h));
-                }
-            }
-            t.luts = lp;
+            scaled_bf16_tables(table, &mut t, nt, &mut sc.luts);
             let mut i = 0;
             while i < m {
                 let mt = mt_max.min(m - i);
                 let xp = x.as_ptr().add(i * k);
-                if nt_main == 2 {
-                    dispatch_tile!(lut_bf16_avx512, &t, mt, nt, 2, xp, k, o.add(i), m);
-                } else if nt_main == 3 {
+                if nt_main == 3 {
                     dispatch_tile!(lut_bf16_avx512, &t, mt, nt, 3, xp, k, o.add(i), m);
                 } else {
                     dispatch_tile!(lut_bf16_avx512, &t, mt, nt, 4, xp, k, o.add(i), m);
@@ -1198,8 +1210,7 @@ mod x86 {
         let mut sc = Scratch::new();
         let mut r = r0;
         if m == 1 {
-            let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(table));
-            let tab = _mm512_broadcast_i64x4(h);
+            let tab = bf16_table(table);
             while r < r1 {
                 let o = out.as_mut_ptr().add(r - r0);
                 let nt = if r1 - r >= NT1 { NT1 } else { 1 };
@@ -1222,22 +1233,12 @@ mod x86 {
             let o = out.as_mut_ptr().add((r - r0) * m);
             let nt = if r1 - r >= nt_main { nt_main } else { 1 };
             let mut t = plan(c, r, nt, &mut sc.spans, &mut sc.scales);
-            let lp = lut_buffer(&mut sc.luts, t.spans.count() * nt);
-            for s in 0..t.spans.count() {
-                for j in 0..nt {
-                    let v = _mm512_mul_ps(table, _mm512_set1_ps(*t.scales[j].add(s)));
-                    let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
-                    _mm512_store_si512(lp.add(s * nt + j).cast(), _mm512_broadcast_i64x4(h));
-                }
-            }
-            t.luts = lp;
+            scaled_bf16_tables(table, &mut t, nt, &mut sc.luts);
             let mut i = 0;
             while i < m {
                 let mt = mt_max.min(m - i);
                 let xp = x.as_ptr().add(i * k);
-                if nt_main == 2 {
-                    dispatch_tile!(lut_bf16_wide, &t, mt, nt, 2, xp, k, o.add(i), m);
-                } else if nt_main == 3 {
+                if nt_main == 3 {
                     dispatch_tile!(lut_bf16_wide, &t, mt, nt, 3, xp, k, o.add(i), m);
                 } else {
                     dispatch_tile!(lut_bf16_wide, &t, mt, nt, 4, xp, k, o.add(i), m);
