@@ -184,13 +184,13 @@ def test_op_and_module_under_forced_level(gen, monkeypatch, level):
 
 def test_dispatch_uses_fused_up_to_the_threshold(gen, monkeypatch):
     calls = []
-    real = _core.matmul_4bit
+    real = _core.matmul_4bit_tensor
 
     def spy(*args, **kwargs):
-        calls.append(args[2])  # rows
+        calls.append(args[0].numel() // args[5])  # rows: x's elements / in_features
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(_core, "matmul_4bit", spy)
+    monkeypatch.setattr(_core, "matmul_4bit_tensor", spy)
     n, k = 24, 128
     packed, absmax = _quantized(gen, n, k, 64, "nf4", False)
     limit = _cpu.fused_4bit_max_m(torch.float32)
@@ -242,13 +242,13 @@ def test_fused_limit_follows_the_blas(gen, monkeypatch):
 
 def test_bf16_x_takes_the_f32_kernel_where_bf16_dot_products_are_slow(gen, monkeypatch):
     levels = []
-    real = _core.matmul_4bit
+    real = _core.matmul_4bit_tensor
 
     def spy(*args):
         levels.append(args[-2])  # (..., simd, threads)
         return real(*args[:-2], None, args[-1])  # whatever this machine has
 
-    monkeypatch.setattr(_core, "matmul_4bit", spy)
+    monkeypatch.setattr(_core, "matmul_4bit_tensor", spy)
     monkeypatch.delenv("NYBBLE_SIMD", raising=False)
     assert isinstance(_cpu._bf16_dot_is_slow(), bool)
     packed, absmax = _quantized(gen, 24, 128, 64, "nf4", False)
@@ -269,7 +269,7 @@ def test_fused_kernels_run_on_torchs_thread_count(gen, monkeypatch):
     """``torch.set_num_threads`` bounds the fused kernels as it bounds torch's own ops (the core
     is handed torch.get_num_threads() at each call), and the result does not depend on it."""
     seen = []
-    real4, real8 = _core.matmul_4bit, _core.int8_linear
+    real4, real8 = _core.matmul_4bit_tensor, _core.int8_linear
 
     def spy4(*args):
         seen.append(("4bit", args[-1]))
@@ -279,7 +279,7 @@ def test_fused_kernels_run_on_torchs_thread_count(gen, monkeypatch):
         seen.append(("int8", args[-1]))
         return real8(*args)
 
-    monkeypatch.setattr(_core, "matmul_4bit", spy4)
+    monkeypatch.setattr(_core, "matmul_4bit_tensor", spy4)
     monkeypatch.setattr(_core, "int8_linear", spy8)
     packed, absmax = _quantized(gen, 37, 256, 64, "nf4", True)
     x = torch.randn(3, 256, generator=gen).bfloat16()
@@ -328,6 +328,84 @@ def test_fused_grad_x_and_empty_inputs(gen):
     assert torch.allclose(x.grad.double(), w64.sum(0).expand(3, k), rtol=1e-6, atol=1e-6)
     empty = kernels.matmul_4bit(torch.zeros(0, k), packed, absmax, (n, k), 64, "nf4")
     assert empty.shape == (0, n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_fused_4bit_on_tensors_equals_the_numpy_entry(gen, dtype):
+    """``_core.matmul_4bit_tensor`` (x and out as tensors, the per-token path) gives the
+    numpy entry's result bit for bit, for any leading shape and with a bias."""
+    n, k = 37, 192
+    packed, absmax = _quantized(gen, n, k, 64, "fp4", True)
+    p, a = _cpu.np_view(packed), _cpu.np_view(absmax)
+    bias = torch.randn(n, generator=gen).to(dtype).float()  # rounded to x's dtype, as the modules do
+    for lead in ((1,), (2, 3), (5,)):
+        x = torch.randn(*lead, k, generator=gen).to(dtype)
+        out = torch.empty(*lead, n, dtype=dtype)
+        _core.matmul_4bit_tensor(x, out, p, a, n, k, 64, "fp4", _cpu.np_view(bias), None, 2)
+        ref_out = torch.empty(*lead, n, dtype=dtype)
+        rows = x.numel() // k
+        _core.matmul_4bit(_cpu.np_view(x), _cpu.DTYPE_NAMES[dtype], rows, p, a, n, k, 64, "fp4", _cpu.np_view(bias),
+                          _cpu.np_view(ref_out), None, 2)
+        assert torch.equal(out, ref_out)
+        _check_4bit(out, x, packed, absmax, (n, k), 64, "fp4", bias.to(dtype), f"lead={lead} {dtype}")
+
+
+def test_fused_4bit_on_tensors_bad_arguments(gen):
+    n, k = 8, 64
+    packed, absmax = _quantized(gen, n, k, 64, "nf4", False)
+    p, a = _cpu.np_view(packed), _cpu.np_view(absmax)
+    x = torch.ones(2, k)
+    out = torch.zeros(2, n)
+
+    def call(x, out, *rest, **kw):
+        _core.matmul_4bit_tensor(x, out, p, a, n, k, 64, "nf4", *rest, **kw)
+
+    call(x, out)
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        call(x.double(), out)
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        call(x.numpy(), out)  # not a tensor
+    with pytest.raises(ValueError, match="same dtype"):
+        call(x, out.bfloat16())
+    with pytest.raises(ValueError, match="contiguous"):
+        call(torch.ones(k, 2).t(), out)
+    with pytest.raises(ValueError, match="contiguous"):
+        call(x, torch.zeros(n, 2).t())
+    with pytest.raises(ValueError, match="CPU tensor"):
+        call(torch.ones(2, k, device="meta"), out)
+    with pytest.raises(ValueError, match="multiple of in_features"):
+        call(torch.ones(2, k + 1), out)
+    with pytest.raises(ValueError, match="expected 2 x 8"):
+        call(x, torch.zeros(3, n))
+    with pytest.raises(ValueError, match="overlaps"):  # out written over x
+        big = torch.zeros(2 * k)
+        call(big[: 2 * k].view(2, k), big[k:k + 2 * n].view(2, n))
+    with pytest.raises(ValueError, match="overlaps"):  # out written over the weight's absmax
+        call(x[:1], torch.from_numpy(a).view(1, n))
+    with pytest.raises(ValueError, match="bias"):
+        call(x, out, np.zeros(7, np.float32))
+    with pytest.raises(ValueError, match="blocksize"):
+        _core.matmul_4bit_tensor(x, out, p, a, n, k, 48, "nf4")
+    with pytest.raises(ValueError, match="packed weight"):
+        _core.matmul_4bit_tensor(x, out, p[1:], a, n, k, 64, "nf4")
+    empty_out = torch.zeros(0, n)
+    call(torch.zeros(0, k), empty_out)  # no rows: nothing to do, no error
+
+
+def test_settings_are_read_from_the_live_environment(monkeypatch):
+    """The per-call NYBBLE_* settings come from the process environment, which os.environ
+    (and so monkeypatch / a user's os.environ[...] = ...) writes through."""
+    monkeypatch.setenv("NYBBLE_TEST_SETTING", "  7 ")
+    assert _core.env_var("NYBBLE_TEST_SETTING") == "  7 " and _cpu.setting("NYBBLE_TEST_SETTING") == "7"
+    monkeypatch.delenv("NYBBLE_TEST_SETTING")
+    assert _core.env_var("NYBBLE_TEST_SETTING") is None and _cpu.setting("NYBBLE_TEST_SETTING") == ""
+    monkeypatch.setenv("NYBBLE_FUSED_MAX_M", "3")
+    assert _cpu.fused_4bit_max_m(torch.float32) == 3
+    assert not _cpu.fused_4bit_applies(torch.zeros(4, 8), None) and _cpu.fused_4bit_applies(torch.zeros(3, 8), None)
+    monkeypatch.setenv("NYBBLE_KERNELS", "torch")
+    assert kernels.ops.use_reference()
+    monkeypatch.delenv("NYBBLE_KERNELS")
+    assert not kernels.ops.use_reference()
 
 
 def test_fused_4bit_bad_arguments(gen):

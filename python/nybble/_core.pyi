@@ -91,6 +91,28 @@ def matmul_4bit(
     with more than one row on AVX512-BF16 the weights are rounded to bf16 (as dequantize +
     bf16 GEMM does). Lengths are checked (ValueError) before any work."""
 
+def matmul_4bit_tensor(
+    x: Any,
+    out: Any,
+    packed: npt.NDArray[np.uint8],
+    absmax: npt.NDArray[np.float32],
+    out_features: int,
+    in_features: int,
+    blocksize: int,
+    quant_type: str,
+    bias: npt.NDArray[np.float32] | None = None,
+    simd: str | None = None,
+    threads: int | None = None,
+) -> None:
+    """:func:`matmul_4bit` with x and out as torch tensors (the per-token path: no numpy views
+    built per call): contiguous CPU tensors of one dtype (float32, float16 or bfloat16), x
+    ``(..., in_features)``, out ``(..., out_features)`` with as many rows, sharing no memory
+    with x or the weight (ValueError otherwise)."""
+
+def env_var(name: str) -> str | None:
+    """Environment variable ``name`` from the process environment (None when unset); what
+    ``os.environ`` holds, as it writes through, at a fraction of the cost of reading it."""
+
 def int8_linear(
     x: FloatArray,
     dtype: str,

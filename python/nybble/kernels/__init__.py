@@ -267,7 +267,7 @@ def eager_cpu_inference(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """An eager call on plain CPU tensors that autograd does not record and the CPU kernels
     serve (not traced or compiled, no NYBBLE_KERNELS=torch): then the op's CPU kernel may be
     called without the dispatcher, with the same result (here and in ``Linear4bit``)."""
-    return (type(x) is torch.Tensor and x.device.type == "cpu"
+    return (type(x) is torch.Tensor and x.is_cpu
             and not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
             and not torch.compiler.is_compiling() and not ops.use_reference())
 

@@ -128,6 +128,13 @@ FUSED_4BIT_MAX_M_AMX = 32
 FUSED_4BIT_MAX_M_AVX2 = 96
 
 
+def setting(name: str) -> str:
+    """Environment variable ``name``, stripped ("" when unset), read per call (tests and users
+    change the NYBBLE_* settings at run time) from the process environment that ``os.environ``
+    writes through: a fraction of ``os.environ.get``'s cost on the per-token path."""
+    return (_core.env_var(name) or "").strip()
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags as Linux lists them (empty where /proc/cpuinfo is missing)."""
@@ -141,7 +148,7 @@ def cpu_flags() -> frozenset[str]:
 
 def fused_4bit_max_m(dtype: torch.dtype) -> int | None:
     """The most rows of x of ``dtype`` for which the fused kernel runs (None: every M)."""
-    override = os.environ.get("NYBBLE_FUSED_MAX_M", "").strip()
+    override = setting("NYBBLE_FUSED_MAX_M")
     if override:
         try:
             return max(0, int(override))
@@ -184,8 +191,11 @@ def fused_4bit_applies(x: torch.Tensor, packed: torch.Tensor | None) -> bool:
     ``packed`` None: its uint8 bytes, whatever the storage."""
     if x.dtype not in DTYPE_NAMES or (packed is not None and packed.dtype != torch.uint8):
         return False
+    rows = _rows(x)
+    if rows <= FUSED_4BIT_MAX_M_AMX and not setting("NYBBLE_FUSED_MAX_M"):
+        return True  # below every built-in limit (decode): no need to work out which applies
     limit = fused_4bit_max_m(x.dtype)
-    return limit is None or _rows(x) <= limit
+    return limit is None or rows <= limit
 
 
 @functools.lru_cache(maxsize=1)
@@ -202,7 +212,7 @@ def _bf16_dot_is_slow() -> bool:
 def _default_simd(x: torch.Tensor) -> str | None:
     """The level the fused 4-bit kernel runs at when the caller forces none (None: the core's
     choice, ``NYBBLE_SIMD`` else the best level)."""
-    if _bf16_dot_is_slow() and x.dtype == torch.bfloat16 and _rows(x) > 1 and not os.environ.get("NYBBLE_SIMD"):
+    if _bf16_dot_is_slow() and x.dtype == torch.bfloat16 and _rows(x) > 1 and not setting("NYBBLE_SIMD"):
         return "avx512_vnni"  # the AVX-512 f32-FMA kernel (the level below avx512_bf16)
     return None
 
@@ -223,14 +233,15 @@ def matmul_4bit_views(x, packed: np.ndarray, absmax: np.ndarray, n_out: int, n_i
                       quant_type: str, bias, simd: str | None = None):
     """:func:`matmul_4bit_fused` on the weight's numpy views (``np_view`` of the packed uint8
     bytes and of the float32 absmax), which a caller calling per token keeps (the core checks
-    every length)."""
+    every length); x and the output go to the core as tensors (no views built per call)."""
     if simd is None:
         simd = _default_simd(x)
-    lead = x.shape[:-1]
-    out = torch.empty((*lead, n_out), dtype=x.dtype)
+    if not x.is_contiguous():
+        x = x.contiguous()
+    out = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype)
     b = None if bias is None else np_view(bias.detach().to(x.dtype).float())
-    _core.matmul_4bit(np_view(x), DTYPE_NAMES[x.dtype], math.prod(lead), packed, absmax, n_out, n_in, blocksize,
-                      quant_type, b, np_view(out), simd, torch.get_num_threads())
+    _core.matmul_4bit_tensor(x, out, packed, absmax, n_out, n_in, blocksize, quant_type, b, simd,
+                             torch.get_num_threads())
     return out
 
 

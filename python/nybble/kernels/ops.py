@@ -18,7 +18,6 @@ them and define the gradients.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 
@@ -38,7 +37,7 @@ CPU_KERNELS: dict[str, Callable] = {}
 
 def use_reference() -> bool:
     """True when ``NYBBLE_KERNELS=torch`` asks for the torch reference on every device."""
-    return os.environ.get("NYBBLE_KERNELS", "").strip().lower() == "torch"
+    return _cpu.setting("NYBBLE_KERNELS").lower() == "torch"
 
 
 def _late(module, name: str) -> Callable:

@@ -201,9 +201,12 @@ class Linear4bit(nn.Module):
         cache = self.__dict__.get("_absmax_cache")
         if cache is None:
             return None
-        sources, versions, value, value_version = cache
-        current = self._dq_sources()
-        if any(a is not b for a, b in zip(sources, current)) or versions != tuple(map(_version, current)):
+        (s0, s1, s2, s3), versions, value, value_version = cache
+        c0, c1, c2, c3 = self._dq_sources()
+        # Checked per forward at decode: spelled out, no generator or map per call.
+        if c0 is not s0 or c1 is not s1 or c2 is not s2 or c3 is not s3:
+            return None
+        if versions != (_version(c0), _version(c1), _version(c2), _version(c3)):
             return None
         if _version(value) != value_version or (value.is_inference() and not torch.is_inference_mode_enabled()):
             return None

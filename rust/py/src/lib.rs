@@ -17,6 +17,7 @@ use pyo3::exceptions::{
     PyFileExistsError, PyFileNotFoundError, PyOSError, PyOverflowError, PyPermissionError,
     PyValueError,
 };
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyType};
@@ -1565,6 +1566,174 @@ fn matmul_4bit<'py>(
     }))
 }
 
+/// The torch dtypes the fused kernels take, looked up once: float32, float16, bfloat16.
+static TORCH_FLOAT_DTYPES: PyOnceLock<[Py<PyAny>; 3]> = PyOnceLock::new();
+
+/// The memory of a contiguous CPU torch tensor of a float dtype the fused kernels take:
+/// (address, elements, dtype), read through the tensor's own accessors (what
+/// `__array_interface__` views would read, without building one per call). `what` names the
+/// argument in errors.
+fn cpu_float_tensor(t: &Bound<'_, PyAny>, what: &str) -> PyResult<(usize, usize, FloatDtype)> {
+    let py = t.py();
+    let dtypes = TORCH_FLOAT_DTYPES.get_or_try_init(py, || -> PyResult<_> {
+        let torch = py.import("torch")?;
+        Ok([
+            torch.getattr("float32")?.unbind(),
+            torch.getattr("float16")?.unbind(),
+            torch.getattr("bfloat16")?.unbind(),
+        ])
+    })?;
+    let dtype = t.getattr(intern!(py, "dtype"))?;
+    let dt = if dtype.is(&dtypes[0]) {
+        FloatDtype::F32
+    } else if dtype.is(&dtypes[1]) {
+        FloatDtype::F16
+    } else if dtype.is(&dtypes[2]) {
+        FloatDtype::BF16
+    } else {
+        return Err(PyValueError::new_err(format!(
+            "{what} must be a float32, float16 or bfloat16 tensor, not {dtype}"
+        )));
+    };
+    if !t.getattr(intern!(py, "is_cpu"))?.is_truthy()? {
+        return Err(PyValueError::new_err(format!(
+            "{what} must be a CPU tensor"
+        )));
+    }
+    if !t.call_method0(intern!(py, "is_contiguous"))?.is_truthy()? {
+        return Err(PyValueError::new_err(format!("{what} must be contiguous")));
+    }
+    let n: usize = t.call_method0(intern!(py, "numel"))?.extract()?;
+    let addr: usize = t.call_method0(intern!(py, "data_ptr"))?.extract()?;
+    let align = if dt == FloatDtype::F32 { 4 } else { 2 };
+    if n > 0 && (addr == 0 || !addr.is_multiple_of(align)) {
+        return Err(PyValueError::new_err(format!(
+            "{what} has no addressable memory (address {addr:#x})"
+        )));
+    }
+    Ok((addr, n, dt))
+}
+
+/// [`matmul_4bit`] on torch tensors: `x` (`rows x in_features`) and `out` (`rows x
+/// out_features`, written) contiguous CPU tensors of one float dtype, any leading shape. The
+/// per-token decode path: no numpy views of x and out to build per call.
+#[pyfunction]
+#[pyo3(signature = (x, out, packed, absmax, out_features, in_features, blocksize, quant_type, bias=None, simd=None, threads=None))]
+#[allow(clippy::too_many_arguments)]
+fn matmul_4bit_tensor<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    out: &Bound<'py, PyAny>,
+    packed: PyReadonlyArray1<'py, u8>,
+    absmax: PyReadonlyArray1<'py, f32>,
+    out_features: usize,
+    in_features: usize,
+    blocksize: usize,
+    quant_type: &str,
+    bias: Option<PyReadonlyArray1<'py, f32>>,
+    simd: Option<&str>,
+    threads: Option<usize>,
+) -> PyResult<()> {
+    let qt = QuantType4::parse(quant_type).map_err(to_py_err)?;
+    let level = fused_simd_level(simd)?;
+    contiguous(&packed, "packed")?;
+    contiguous(&absmax, "absmax")?;
+    if let Some(b) = &bias {
+        contiguous(b, "bias")?;
+    }
+    let (x_addr, x_len, x_dt) = cpu_float_tensor(x, "x")?;
+    let (o_addr, o_len, o_dt) = cpu_float_tensor(out, "out")?;
+    if x_dt != o_dt {
+        return Err(PyValueError::new_err("x and out must have the same dtype"));
+    }
+    if in_features == 0 || !x_len.is_multiple_of(in_features) {
+        return Err(PyValueError::new_err(format!(
+            "x has {x_len} elements, not a multiple of in_features = {in_features}"
+        )));
+    }
+    let rows = x_len / in_features;
+    if rows.checked_mul(out_features) != Some(o_len) {
+        return Err(PyValueError::new_err(format!(
+            "out has {o_len} elements, expected {rows} x {out_features}"
+        )));
+    }
+    let size = if x_dt == FloatDtype::F32 { 4 } else { 2 };
+    // out is written while x and the weight are read: no byte may be shared.
+    let overlaps = |a: usize, alen: usize, b: usize, blen: usize| a < b + blen && b < a + alen;
+    let o_bytes = o_len * size;
+    let p = packed.as_slice()?;
+    let a = absmax.as_slice()?;
+    if o_len > 0
+        && (overlaps(o_addr, o_bytes, x_addr, x_len * size)
+            || overlaps(o_addr, o_bytes, p.as_ptr() as usize, p.len())
+            || overlaps(o_addr, o_bytes, a.as_ptr() as usize, a.len() * 4))
+    {
+        return Err(PyValueError::new_err("out overlaps x or the weight"));
+    }
+    let w = nybble_core::matmul::Packed4Matrix {
+        packed: p,
+        absmax: a,
+        out_features,
+        in_features,
+        blocksize,
+        quant_type: qt,
+    };
+    let b = match &bias {
+        Some(b) => Some(b.as_slice()?),
+        None => None,
+    };
+    /// A typed view of tensor memory checked by [`cpu_float_tensor`].
+    unsafe fn view<'a, T>(addr: usize, len: usize) -> &'a [T] {
+        if len == 0 {
+            &[]
+        } else {
+            // SAFETY (caller): `addr` is the aligned, non-null start of `len` elements of T.
+            unsafe { std::slice::from_raw_parts(addr as *const T, len) }
+        }
+    }
+    unsafe fn view_mut<'a, T>(addr: usize, len: usize) -> &'a mut [T] {
+        if len == 0 {
+            &mut []
+        } else {
+            // SAFETY (caller): as `view`, and nothing else reads or writes it meanwhile.
+            unsafe { std::slice::from_raw_parts_mut(addr as *mut T, len) }
+        }
+    }
+    // SAFETY: both tensors are contiguous CPU tensors of this dtype whose `numel` elements
+    // start at the checked addresses; `x` and `out` (held by the caller for this call) keep
+    // their storage alive; `out` shares no byte with x or the weight.
+    unsafe {
+        match x_dt {
+            FloatDtype::F32 => {
+                let (xs, os) = (view::<f32>(x_addr, x_len), view_mut::<f32>(o_addr, o_len));
+                run_fused(py, threads, |t| {
+                    nybble_core::matmul::matmul_4bit_on(t, xs, rows, &w, b, os, level)
+                })
+            }
+            FloatDtype::F16 => {
+                let (xs, os) = (view::<f16>(x_addr, x_len), view_mut::<f16>(o_addr, o_len));
+                run_fused(py, threads, |t| {
+                    nybble_core::matmul::matmul_4bit_on(t, xs, rows, &w, b, os, level)
+                })
+            }
+            FloatDtype::BF16 => {
+                let (xs, os) = (view::<bf16>(x_addr, x_len), view_mut::<bf16>(o_addr, o_len));
+                run_fused(py, threads, |t| {
+                    nybble_core::matmul::matmul_4bit_on(t, xs, rows, &w, b, os, level)
+                })
+            }
+        }
+    }
+}
+
+/// The value of environment variable `name` (None when unset), read from the process
+/// environment, which `os.environ` writes through: a cheaper read than `os.environ.get` for
+/// the settings consulted on every fused call.
+#[pyfunction]
+fn env_var(name: &str) -> Option<String> {
+    std::env::var_os(name).map(|v| v.to_string_lossy().into_owned())
+}
+
 /// Fused LLM.int8() linear: `out = x · Wᵀ (+ bias)` with `q_w` int8 (`out_features ×
 /// in_features`, row-wise) and `scb` its float32 row absmax; x is quantized vector-wise with
 /// outlier columns `|x| >= threshold` (0: none) kept in float32, int8 dot products are exact,
@@ -1666,6 +1835,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(parallel_backend, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(matmul_4bit, m)?)?;
+    m.add_function(wrap_pyfunction!(matmul_4bit_tensor, m)?)?;
+    m.add_function(wrap_pyfunction!(env_var, m)?)?;
     m.add_function(wrap_pyfunction!(int8_linear, m)?)?;
     Ok(())
 }
