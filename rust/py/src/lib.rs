@@ -1517,6 +1517,25 @@ macro_rules! with_x_out {
     };
 }
 
+/// The checks both fused 4-bit entries make before reading any array: the quant type, the
+/// SIMD level, and contiguous weight, absmax and bias arrays.
+fn fused_4bit_args(
+    quant_type: &str,
+    simd: Option<&str>,
+    packed: &PyReadonlyArray1<'_, u8>,
+    absmax: &PyReadonlyArray1<'_, f32>,
+    bias: &Option<PyReadonlyArray1<'_, f32>>,
+) -> PyResult<(QuantType4, nybble_core::simd::SimdLevel)> {
+    let qt = QuantType4::parse(quant_type).map_err(to_py_err)?;
+    let level = fused_simd_level(simd)?;
+    contiguous(packed, "packed")?;
+    contiguous(absmax, "absmax")?;
+    if let Some(b) = bias {
+        contiguous(b, "bias")?;
+    }
+    Ok((qt, level))
+}
+
 /// Fused `out = x · Wᵀ (+ bias)` with a packed NF4 / FP4 W (`out_features × in_features`,
 /// bitsandbytes layout) and float32 `absmax`: codes decoded in registers, never a dense W.
 /// `x` is `rows × in_features` (flat, `dtype`), `out` a writable `rows × out_features` array of
@@ -1540,13 +1559,7 @@ fn matmul_4bit<'py>(
     simd: Option<&str>,
     threads: Option<usize>,
 ) -> PyResult<()> {
-    let qt = QuantType4::parse(quant_type).map_err(to_py_err)?;
-    let level = fused_simd_level(simd)?;
-    contiguous(&packed, "packed")?;
-    contiguous(&absmax, "absmax")?;
-    if let Some(b) = &bias {
-        contiguous(b, "bias")?;
-    }
+    let (qt, level) = fused_4bit_args(quant_type, simd, &packed, &absmax, &bias)?;
     let x_arr = float_in(x, dtype)?;
     let mut out_arr = float_in_out(out, dtype)?;
     let w = nybble_core::matmul::Packed4Matrix {
@@ -1634,13 +1647,7 @@ fn matmul_4bit_tensor<'py>(
     simd: Option<&str>,
     threads: Option<usize>,
 ) -> PyResult<()> {
-    let qt = QuantType4::parse(quant_type).map_err(to_py_err)?;
-    let level = fused_simd_level(simd)?;
-    contiguous(&packed, "packed")?;
-    contiguous(&absmax, "absmax")?;
-    if let Some(b) = &bias {
-        contiguous(b, "bias")?;
-    }
+    let (qt, level) = fused_4bit_args(quant_type, simd, &packed, &absmax, &bias)?;
     let (x_addr, x_len, x_dt) = cpu_float_tensor(x, "x")?;
     let (o_addr, o_len, o_dt) = cpu_float_tensor(out, "out")?;
     if x_dt != o_dt {
