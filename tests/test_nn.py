@@ -269,6 +269,47 @@ def test_load_quantized_builds_quantized_layers_on_meta(tmp_path, monkeypatch):
     assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
 
 
+def test_load_quantized_dtype_auto_follows_the_checkpoint(tmp_path):
+    """``dtype="auto"`` (the default, as in transformers): the dtype config.json records, else
+    the first non-quantized float tensor's, else float32; an explicit dtype (or its name) wins;
+    a bad one is a ValueError naming it."""
+    import json
+
+    import transformers
+
+    from nybble.checkpoint import quantize_checkpoint
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    dense = tmp_path / "dense"
+    transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(str(dense))
+    packed = tmp_path / "packed"
+    quantize_checkpoint(dense, packed, error_stats=False)
+
+    def dense_dtypes(model):
+        return {p.dtype for n, p in model.named_parameters() if not isinstance(
+            model.get_submodule(n.rsplit(".", 1)[0]), (Linear4bit, Linear8bitLt))}
+
+    model = nybble.load_quantized(packed, transformers.AutoModelForCausalLM)
+    assert dense_dtypes(model) == {torch.bfloat16}
+    x = torch.tensor([[1, 2, 3]])
+    assert model(x).logits.dtype == torch.bfloat16
+    assert dense_dtypes(nybble.load_quantized(packed, transformers.AutoModelForCausalLM,
+                                              dtype=torch.float32)) == {torch.float32}
+    # No dtype in config.json: the tensors' own (bf16 here), not float32.
+    config = json.loads((packed / "config.json").read_text())
+    for key in ("dtype", "torch_dtype"):
+        config.pop(key, None)
+    (packed / "config.json").write_text(json.dumps(config))
+    assert dense_dtypes(nybble.load_quantized(packed, transformers.AutoModelForCausalLM)) == {torch.bfloat16}
+    assert dense_dtypes(nybble.load_quantized(packed, transformers.AutoModelForCausalLM,
+                                              dtype="float16")) == {torch.float16}
+    for bad in (torch.int8, "int8", "fp33", 32):
+        with pytest.raises(ValueError, match="dtype"):
+            nybble.load_quantized(packed, transformers.AutoModelForCausalLM, dtype=bad)
+
+
 def test_linear8bit_forward_matches_llm_int8_reference(rng):
     lin = make_linear(rng, 64, 32)
     q = Linear8bitLt.from_linear(lin, threshold=6.0)

@@ -485,13 +485,16 @@ def load_quantized(
     path: str | os.PathLike,
     model_class=None,
     compute_dtype: torch.dtype | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = "auto",
 ) -> nn.Module:
     """Builds a model from a packed checkpoint folder (written by ``nybble quantize`` or by
     transformers + bitsandbytes) without materializing 16-bit Linear weights.
 
     ``model_class`` defaults to ``transformers.AutoModel``; any class with ``from_config``
-    works. Non-quantized tensors load in ``dtype``.
+    works. Non-quantized tensors (embeddings, norms, an untied ``lm_head``) load in ``dtype``:
+    a float torch dtype (or its name, ``"bfloat16"``), or ``"auto"`` (as transformers'
+    ``dtype="auto"``): the dtype ``config.json`` records (``dtype`` / ``torch_dtype``), else
+    that of the checkpoint's first non-quantized float tensor, else float32.
 
     The checkpoint must match the model exactly, or :class:`~nybble.checkpoint.CheckpointError`
     names the file and tensors: every packed weight is validated (quant_state fields, tensor
@@ -514,6 +517,7 @@ def load_quantized(
     except ValueError as err:
         raise CheckpointError(f"{ckpt.folder / 'config.json'}: {err}") from None
     weights = packed_weights(ckpt)  # every quant_state and layout checked, errors name file + tensor
+    dtype = _resolve_load_dtype(dtype, ckpt, weights)
     if model_class is None:
         import transformers
 
@@ -612,6 +616,27 @@ def load_quantized(
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def _resolve_load_dtype(dtype: torch.dtype | str, ckpt, weights) -> torch.dtype:
+    """``load_quantized``'s ``dtype``: a float torch dtype as given, or ``"auto"`` resolved
+    from the checkpoint (see there)."""
+    from . import formats
+
+    if dtype != "auto":
+        named = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+        if not (isinstance(named, torch.dtype) and named.is_floating_point):
+            raise ValueError(f"dtype must be a floating-point torch dtype (or its name) or 'auto', not {dtype!r}")
+        return named
+    recorded = ckpt.model_dtype()
+    if recorded is not None:
+        return getattr(torch, recorded)
+    packed = {key for w in weights.values() for key in w.keys} | set(weights)
+    for name, entry in ckpt.entries.items():
+        long_name = formats.dtype_name(entry.dtype)
+        if name not in packed and long_name in formats.FLOAT_SAFETENSORS_NAMES:
+            return getattr(torch, long_name)
+    return torch.float32
 
 
 def _named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
