@@ -524,10 +524,35 @@ mod avx512 {
         }
     }
 
+    /// [`absmax_bits`] of the first `len` elements (a multiple of 32) of `p`.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VL/DQ; `p` holds `len` elements of type `K`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    pub(super) unsafe fn block_absmax_bits<const K: u8>(p: *const u8, len: usize) -> u32 {
+        absmax_bits::<K>(p, 0, len)
+    }
+
+    /// A sorted 256-entry codebook as [`encode_8bit`] reads it: `.0[j][m] = code[16 m + j]`.
+    pub(super) struct Columns8(pub(super) [[f32; 16]; 16]);
+
+    impl Columns8 {
+        pub(super) fn new(code: &[f32; 256]) -> Self {
+            Columns8(std::array::from_fn(|j| {
+                std::array::from_fn(|m| code[16 * m + j])
+            }))
+        }
+    }
+
     /// The 8-bit codes of `xb` (element type `K`) divided by `divisor`: the nearest of the 256
-    /// sorted `code` values, by the same branch-free lower bound and distance test as
-    /// [`super::nearest_code_256`], 16 lanes at a time with gathers. The tail (< 16) is left
-    /// to the caller; returns how many were written.
+    /// sorted `code` values, exactly as [`super::nearest_code_256`] picks it (the last code
+    /// <= s, then the distance test against the next one), 16 lanes at a time without
+    /// gathers. The codebook is held as 16 registers, `column[j]` lane m = `code[16 m + j]`:
+    /// a 4-step search over `column[0]` finds each lane's 16-code segment m, then one
+    /// `vpermps` per column gives every lane its segment's code j, counted if <= s (the count
+    /// is the lower bound, as the codes are sorted) and kept as the last code <= s and the
+    /// first one above it. The tail (< 16) is left to the caller; returns how many were
+    /// written.
     ///
     /// # Safety
     /// The CPU has AVX-512 F/BW/VL/DQ; `x` holds `len` elements, `out` `len` bytes.
@@ -536,47 +561,46 @@ mod avx512 {
         x: *const u8,
         len: usize,
         divisor: f32,
-        code: &[f32; 256],
+        code: &Columns8,
         out: *mut u8,
     ) -> usize {
         let d = _mm512_set1_ps(divisor);
-        let book = code.as_ptr();
-        // The first four steps probe only multiples of 16: code[16 m] from one register.
-        let mut every16 = [0.0f32; 16];
-        for (m, v) in every16.iter_mut().enumerate() {
-            *v = code[16 * m];
-        }
-        let pivots = _mm512_loadu_ps(every16.as_ptr());
+        let columns: [__m512; 16] = std::array::from_fn(|j| _mm512_loadu_ps(code.0[j].as_ptr()));
+        let last_code = _mm512_set1_ps(code.0[15][15]);
+        let abs = |v: __m512| {
+            _mm512_castsi512_ps(_mm512_and_si512(
+                _mm512_castps_si512(v),
+                _mm512_set1_epi32(0x7FFF_FFFF),
+            ))
+        };
         let whole = len / 16 * 16;
         for i in (0..whole).step_by(16) {
             let s = _mm512_div_ps(load16::<K>(x, i), d);
-            // `idx` counts in units of 16 here.
-            let mut idx = _mm512_setzero_si512();
+            // Segment: the last m with code[16 m] <= s (0 when none).
+            let mut seg = _mm512_setzero_si512();
             for step in [8, 4, 2, 1] {
-                let probe = _mm512_add_epi32(idx, _mm512_set1_epi32(step));
-                let c = _mm512_permutexvar_ps(probe, pivots);
+                let probe = _mm512_add_epi32(seg, _mm512_set1_epi32(step));
+                let c = _mm512_permutexvar_ps(probe, columns[0]);
                 let le = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(c, s);
-                idx = _mm512_mask_mov_epi32(idx, le, probe);
+                seg = _mm512_mask_mov_epi32(seg, le, probe);
             }
-            let mut idx = _mm512_slli_epi32::<4>(idx);
-            for step in [8, 4, 2, 1] {
-                let probe = _mm512_add_epi32(idx, _mm512_set1_epi32(step));
-                let c = _mm512_i32gather_ps::<4>(probe, book);
+            // code[16 m] starts both bounds; the one above starts at the next segment's first
+            // code (code[255] past the last segment: `next` is capped at 255).
+            let mut below = _mm512_permutexvar_ps(seg, columns[0]);
+            let after = _mm512_add_epi32(seg, _mm512_set1_epi32(1));
+            let in_last = _mm512_cmpeq_epi32_mask(seg, _mm512_set1_epi32(15));
+            let mut above =
+                _mm512_mask_mov_ps(_mm512_permutexvar_ps(after, columns[0]), in_last, last_code);
+            let mut idx = _mm512_slli_epi32::<4>(seg);
+            for col in &columns[1..] {
+                let c = _mm512_permutexvar_ps(seg, *col);
                 let le = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(c, s);
-                idx = _mm512_mask_mov_epi32(idx, le, probe);
+                idx = _mm512_mask_add_epi32(idx, le, idx, _mm512_set1_epi32(1));
+                below = _mm512_mask_mov_ps(below, le, c);
+                above = _mm512_mask_min_ps(above, !le, above, c);
             }
-            let next = _mm512_min_epi32(
-                _mm512_add_epi32(idx, _mm512_set1_epi32(1)),
-                _mm512_set1_epi32(255),
-            );
-            let abs = |v: __m512| {
-                _mm512_castsi512_ps(_mm512_and_si512(
-                    _mm512_castps_si512(v),
-                    _mm512_set1_epi32(0x7FFF_FFFF),
-                ))
-            };
-            let dn = abs(_mm512_sub_ps(s, _mm512_i32gather_ps::<4>(next, book)));
-            let di = abs(_mm512_sub_ps(s, _mm512_i32gather_ps::<4>(idx, book)));
+            let dn = abs(_mm512_sub_ps(s, above));
+            let di = abs(_mm512_sub_ps(s, below));
             let closer = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(dn, di);
             let q = _mm512_mask_add_epi32(idx, closer, idx, _mm512_set1_epi32(1));
             _mm_storeu_si128(out.add(i) as *mut __m128i, _mm512_cvtepi32_epi8(q));
@@ -972,6 +996,8 @@ pub fn quantize_8bit_with<T: Element>(
     let n = x.len();
     let mut codes = vec![0u8; n];
     let mut absmax = vec![0.0f32; num_blocks(n, blocksize)];
+    #[cfg(target_arch = "x86_64")]
+    let columns = avx512::Columns8::new(book);
     let bad = x
         .par_chunks(blocksize)
         .zip(codes.par_chunks_mut(blocksize))
@@ -980,7 +1006,24 @@ pub fn quantize_8bit_with<T: Element>(
         .map(|((xb, cb), am)| {
             let mut amax = 0.0f32;
             let mut bad = false;
-            for v in xb {
+            let mut scanned = 0;
+            #[cfg(target_arch = "x86_64")]
+            if level >= SimdLevel::Avx512 {
+                scanned = xb.len() / 32 * 32;
+                let raw = xb.as_ptr() as *const u8;
+                // SAFETY: the level was checked against the CPU; `xb` holds `scanned`.
+                let bits = unsafe {
+                    match avx512::Kind::of(T::DTYPE) {
+                        avx512::Kind::F32 => avx512::block_absmax_bits::<0>(raw, scanned),
+                        avx512::Kind::F16 => avx512::block_absmax_bits::<1>(raw, scanned),
+                        avx512::Kind::BF16 => avx512::block_absmax_bits::<2>(raw, scanned),
+                    }
+                };
+                // NaN / Inf order above every finite |x| (see `absmax_bits`).
+                bad = bits >= f32::INFINITY.to_bits();
+                amax = if bad { 0.0 } else { f32::from_bits(bits) };
+            }
+            for v in &xb[scanned..] {
                 let a = v.to_f32().abs();
                 amax = if a > amax { a } else { amax };
                 #[allow(clippy::neg_cmp_op_on_partial_ord)]
@@ -997,9 +1040,15 @@ pub fn quantize_8bit_with<T: Element>(
                 // SAFETY: the level was checked against the CPU; `xb` and `cb` hold `len`.
                 done = unsafe {
                     match avx512::Kind::of(T::DTYPE) {
-                        avx512::Kind::F32 => avx512::encode_8bit::<0>(raw, len, divisor, book, o),
-                        avx512::Kind::F16 => avx512::encode_8bit::<1>(raw, len, divisor, book, o),
-                        avx512::Kind::BF16 => avx512::encode_8bit::<2>(raw, len, divisor, book, o),
+                        avx512::Kind::F32 => {
+                            avx512::encode_8bit::<0>(raw, len, divisor, &columns, o)
+                        }
+                        avx512::Kind::F16 => {
+                            avx512::encode_8bit::<1>(raw, len, divisor, &columns, o)
+                        }
+                        avx512::Kind::BF16 => {
+                            avx512::encode_8bit::<2>(raw, len, divisor, &columns, o)
+                        }
                     }
                 };
             }
@@ -1679,6 +1728,46 @@ mod tests {
                         quantize_8bit_with(&x, &code, bs, level),
                         Err(Error::NonFinite { index, .. }) if index == n / 2
                     ));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn simd_levels_quantize_8bit_any_sorted_codebook() {
+        // Not the dynamic map: random sorted codes with runs of duplicates, a signed zero pair
+        // and clustered values, against inputs at, between and beyond them.
+        let mut next = bits_stream(77);
+        for round in 0..8u64 {
+            let raw = lcg(round * 31 + 5, 256);
+            let mut code: Vec<f32> = raw.iter().map(|v| v * 0.9).collect();
+            code[10] = -0.0;
+            code[11] = 0.0;
+            for i in (0..256).step_by(37) {
+                let v = code[i];
+                for c in code.iter_mut().skip(i).take((round as usize % 4) + 1) {
+                    *c = v; // duplicates
+                }
+            }
+            code.sort_by(|a, b| a.total_cmp(b));
+            let book: [f32; 256] = code.clone().try_into().unwrap();
+            let n = 4096 + 7;
+            let x: Vec<f32> = (0..n)
+                .map(|i| {
+                    let k = (next() % 255) as usize;
+                    match i % 4 {
+                        0 => book[k],
+                        1 => (book[k] + book[k + 1]) / 2.0,
+                        2 => f32::from_bits(book[k].to_bits().wrapping_add(1)),
+                        _ => (next() % 2000) as f32 / 1000.0 - 1.0,
+                    }
+                })
+                .collect();
+            for bs in [64usize, 256] {
+                let want = quantize_8bit_with(&x, &code, bs, SimdLevel::Portable).unwrap();
+                for level in SimdLevel::available() {
+                    let got = quantize_8bit_with(&x, &code, bs, level).unwrap();
+                    assert_eq!(got, want, "{level:?} round {round} bs {bs}");
                 }
             }
         }

@@ -503,7 +503,7 @@ fn float_out<'py>(
     let dt = FloatDtype::parse(dtype).map_err(to_py_err)?;
     match dt {
         FloatDtype::F32 => {
-            let out = zeros::<f32>(py, n)?;
+            let out = empty::<f32>(py, n)?;
             {
                 let mut rw = out.readwrite();
                 let s = rw.as_slice_mut()?;
@@ -512,7 +512,7 @@ fn float_out<'py>(
             Ok(out.into_any())
         }
         _ => {
-            let out = zeros::<u16>(py, n)?;
+            let out = empty::<u16>(py, n)?;
             {
                 let mut rw = out.readwrite();
                 let s = rw.as_slice_mut()?;
@@ -555,12 +555,14 @@ fn contiguous<'py, T: numpy::Element>(a: &PyReadonlyArray1<'py, T>, what: &str) 
     }
 }
 
-/// A zeroed 1-D array of `n` elements allocated through numpy, so that a failed allocation is
-/// a MemoryError (rust-numpy's `PyArray1::zeros` panics instead). Callers validate `n` against
-/// their input buffers first; this is the last line for sizes that are valid but too large.
-fn zeros<'py, T: numpy::Element>(py: Python<'py>, n: usize) -> PyResult<Bound<'py, PyArray1<T>>> {
+/// An uninitialised 1-D array of `n` elements allocated through numpy, so that a failed
+/// allocation is a MemoryError (rust-numpy's constructors panic instead). Callers validate `n`
+/// against their input buffers first. Only for outputs the core overwrites entirely (the
+/// `_into` functions write every element, or fail and the array is dropped): no zeroing pass
+/// over memory the kernel is about to write, and freed pages are reused warm.
+fn empty<'py, T: numpy::Element>(py: Python<'py>, n: usize) -> PyResult<Bound<'py, PyArray1<T>>> {
     let np = py.import("numpy")?;
-    let out = np.getattr("zeros")?.call1((n, numpy::dtype::<T>(py)))?;
+    let out = np.getattr("empty")?.call1((n, numpy::dtype::<T>(py)))?;
     Ok(out.cast_into::<PyArray1<T>>()?)
 }
 
@@ -592,8 +594,8 @@ fn quantize_4bit<'py>(
         FloatIn::F32(a) => a.len(),
         FloatIn::Bits16(a, _) => a.len(),
     };
-    let packed = zeros::<u8>(py, blockwise::packed_len(n))?;
-    let absmax = zeros::<f32>(py, nybble_core::error::num_blocks(n, blocksize))?;
+    let packed = empty::<u8>(py, blockwise::packed_len(n))?;
+    let absmax = empty::<f32>(py, nybble_core::error::num_blocks(n, blocksize))?;
     {
         let mut p = packed.readwrite();
         let mut a = absmax.readwrite();
