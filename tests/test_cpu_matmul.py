@@ -269,7 +269,7 @@ def test_fused_kernels_run_on_torchs_thread_count(gen, monkeypatch):
     """``torch.set_num_threads`` bounds the fused kernels as it bounds torch's own ops (the core
     is handed torch.get_num_threads() at each call), and the result does not depend on it."""
     seen = []
-    real4, real8 = _core.matmul_4bit_tensor, _core.int8_linear
+    real4, real8 = _core.matmul_4bit_tensor, _core.int8_linear_tensor
 
     def spy4(*args):
         seen.append(("4bit", args[-1]))
@@ -280,7 +280,7 @@ def test_fused_kernels_run_on_torchs_thread_count(gen, monkeypatch):
         return real8(*args)
 
     monkeypatch.setattr(_core, "matmul_4bit_tensor", spy4)
-    monkeypatch.setattr(_core, "int8_linear", spy8)
+    monkeypatch.setattr(_core, "int8_linear_tensor", spy8)
     packed, absmax = _quantized(gen, 37, 256, 64, "nf4", True)
     x = torch.randn(3, 256, generator=gen).bfloat16()
     q_w = torch.randint(-127, 128, (37, 256), generator=gen, dtype=torch.int8)
@@ -524,6 +524,68 @@ def test_int8_linear_op_runs_the_fused_kernel_on_cpu(gen, monkeypatch):
     monkeypatch.setenv("NYBBLE_KERNELS", "torch")
     kernels.int8_linear(x, q, scb, None, 6.0)
     assert calls == [torch.bfloat16]
+
+
+def test_fused_int8_on_tensors_equals_the_numpy_entry(gen):
+    """``_core.int8_linear_tensor`` (every argument a tensor: the per-token path) writes what
+    the numpy entry writes, bit for bit, for every dtype, leading shapes, bias and outliers."""
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        x, q, scb = _int8_case(gen, 6, 24, 96, (5,), dtype)  # one outlier column: bit-exact vs the composition
+        x = x.view(2, 3, 96)
+        bias = torch.randn(24, generator=gen)
+        for b in (None, bias):
+            via_tensors = torch.empty(2, 3, 24, dtype=dtype)
+            _core.int8_linear_tensor(x, via_tensors, q, scb, 24, 96, 6.0, b)
+            via_numpy = torch.empty(2, 3, 24, dtype=dtype)
+            _core.int8_linear(_cpu.np_view(x), _cpu.DTYPE_NAMES[dtype], 6, _cpu.np_view(q), _cpu.np_view(scb), 24, 96,
+                              None if b is None else _cpu.np_view(b), 6.0, _cpu.np_view(via_numpy))
+            assert torch.equal(via_tensors, via_numpy)
+            assert torch.equal(via_tensors.view(6, 24), ops._int8_linear(x.reshape(6, 96), q, scb, b, 6.0))
+
+
+def test_fused_int8_on_tensors_bad_arguments(gen):
+    x, q, scb = _int8_case(gen, 2, 8, 64, (), torch.float32)
+    out = torch.zeros(2, 8)
+
+    def call(x=x, out=out, q=q, scb=scb, **kw):
+        _core.int8_linear_tensor(x, out, q, scb, 8, 64, kw.pop("threshold", 6.0), **kw)
+
+    call()
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        call(x=x.double())
+    with pytest.raises(ValueError, match="same dtype"):
+        call(out=out.bfloat16())
+    with pytest.raises(ValueError, match="q_w must be a torch.int8 tensor"):
+        call(q=q.to(torch.int16))
+    with pytest.raises(ValueError, match="scb must be a torch.float32 tensor"):
+        call(scb=scb.double())
+    with pytest.raises(ValueError, match="bias must be a torch.float32 tensor"):
+        call(bias=torch.zeros(8, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="bias"):
+        call(bias=torch.zeros(7))
+    with pytest.raises(ValueError, match="contiguous"):
+        call(q=torch.zeros(64, 8, dtype=torch.int8).t())
+    with pytest.raises(ValueError, match="CPU tensor"):
+        call(scb=torch.zeros(8, device="meta"))
+    with pytest.raises(ValueError, match="SCB"):
+        call(scb=scb[:7])
+    with pytest.raises(ValueError, match="int8 weight"):
+        call(q=q.reshape(-1)[:100])
+    with pytest.raises(ValueError, match="multiple of in_features"):
+        call(x=torch.ones(2, 65))
+    with pytest.raises(ValueError, match="expected 2 x 8"):
+        call(out=torch.zeros(3, 8))
+    with pytest.raises(ValueError, match="threshold"):
+        call(threshold=-1.0)
+    with pytest.raises(ValueError, match="overlaps"):  # out written over the row scales
+        call(x=x[:1], out=scb.view(1, 8))
+    with pytest.raises(ValueError, match="overlaps"):  # out written over the bias
+        b = torch.zeros(16)
+        call(x=x[:1], out=b[:8].view(1, 8), bias=b[4:12])
+    with pytest.raises(ValueError, match="overlaps"):  # out written over x
+        big = torch.zeros(2 * 64)
+        call(x=big.view(2, 64), out=big[:16].view(2, 8))
+    call(x=torch.zeros(0, 64), out=torch.zeros(0, 8))  # no rows: nothing to do
 
 
 def test_fused_int8_bad_arguments(gen):

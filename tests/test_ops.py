@@ -218,3 +218,27 @@ def test_eager_cpu_inference_skips_the_dispatcher_with_the_same_result(monkeypat
     assert applied == [1, 1]
     torch.testing.assert_close(ref.float(), fast.float(), rtol=2e-2, atol=0.125)  # bf16 rounding of ~10s
     assert set(ops.CPU_KERNELS) == set(ops.OPS) and ops.cpu_kernel("matmul_4bit") is ops.CPU_KERNELS["matmul_4bit"]
+
+
+def test_eager_cpu_inference_skips_the_dispatcher_for_int8_layers(monkeypatch):
+    """The same for Linear8bitLt (LLM.int8()): no_grad CPU calls run the fused kernel without
+    the Function, bit for bit the Function's result; with an outlier column too."""
+    torch.manual_seed(1)
+    layer = Linear8bitLt.from_linear(torch.nn.Linear(128, 40))
+    applied = []
+    real_apply = kernels.Linear8bitFunction.apply
+    monkeypatch.setattr(kernels.Linear8bitFunction, "apply", lambda *a: applied.append(1) or real_apply(*a))
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(2, 3, 128).to(dtype)
+        x[0, 1, 7] = 9.0  # above the threshold: an outlier column
+        with torch.no_grad():
+            fast = layer(x)
+        assert applied == [] and fast.dtype == dtype and fast.shape == (2, 3, 40)
+        slow = layer(x.clone().requires_grad_(True))
+        assert applied == [1]
+        assert torch.equal(fast, slow.detach())
+        applied.clear()
+    monkeypatch.setenv("NYBBLE_KERNELS", "torch")
+    with torch.no_grad():
+        layer(x)
+    assert applied == [1]

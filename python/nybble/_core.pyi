@@ -109,6 +109,23 @@ def matmul_4bit_tensor(
     ``(..., in_features)``, out ``(..., out_features)`` with as many rows, sharing no memory
     with x or the weight (ValueError otherwise)."""
 
+def int8_linear_tensor(
+    x: Any,
+    out: Any,
+    q_w: Any,
+    scb: Any,
+    out_features: int,
+    in_features: int,
+    threshold: float,
+    bias: Any | None = None,
+    simd: str | None = None,
+    threads: int | None = None,
+) -> None:
+    """:func:`int8_linear` with every argument a torch tensor (the per-token path): x and out
+    contiguous CPU tensors of one dtype (float32, float16 or bfloat16), ``q_w`` int8, ``scb``
+    and ``bias`` float32, all contiguous CPU tensors; ``out`` shares no memory with the others
+    (ValueError otherwise)."""
+
 def env_var(name: str) -> str | None:
     """Environment variable ``name`` from the process environment (None when unset); what
     ``os.environ`` holds, as it writes through, at a fraction of the cost of reading it."""

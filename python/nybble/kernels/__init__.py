@@ -425,6 +425,10 @@ class Linear8bitFunction(torch.autograd.Function):
 def linear_8bit(x, q_w, scb, bias=None, threshold: float = 6.0, *, lora_a=None, lora_b=None, scale=1.0, x_lora=None,
                 out_dtype=None):
     """The LLM.int8() layer's forward through :class:`Linear8bitFunction` (see there)."""
+    if lora_a is None and out_dtype in (None, x.dtype) and eager_cpu_inference(x, bias):
+        # As in linear_4bit: with nothing to differentiate, eager CPU calls skip autograd and
+        # the dispatcher and go straight to the op's CPU kernel (the same result).
+        return ops.cpu_kernel("int8_linear")(x, q_w, scb, bias, float(threshold))
     return Linear8bitFunction.apply(x, bias, lora_a, lora_b, x_lora, float(scale), q_w, scb, float(threshold),
                                     out_dtype)
 

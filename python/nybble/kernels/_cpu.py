@@ -292,9 +292,12 @@ def int8_linear(x, q_w, w_scale, bias, threshold, simd: str | None = None):
     if x.shape[-1] != n_in:
         raise ValueError(f"x has {x.shape[-1]} features, the int8 weight {n_in}")
     out = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype)
-    b = None if bias is None else np_view(bias.detach().float())
-    _core.int8_linear(np_view(x), DTYPE_NAMES[x.dtype], _rows(x), np_view(q_w), np_view(w_scale.float()), n_out, n_in,
-                      b, float(threshold), np_view(out), simd, torch.get_num_threads())
+    # Every argument goes to the core as a tensor (no numpy views built per call).
+    contiguous = [t if t.is_contiguous() else t.contiguous() for t in (x, q_w)]
+    scb = w_scale if w_scale.dtype == torch.float32 and w_scale.is_contiguous() else w_scale.float().contiguous()
+    b = None if bias is None else bias.detach().float().contiguous()
+    _core.int8_linear_tensor(contiguous[0], out, contiguous[1], scb, n_out, n_in, float(threshold), b, simd,
+                             torch.get_num_threads())
     return out
 
 

@@ -1581,23 +1581,54 @@ fn matmul_4bit<'py>(
     }))
 }
 
-/// The torch dtypes the fused kernels take, looked up once: float32, float16, bfloat16.
-static TORCH_FLOAT_DTYPES: PyOnceLock<[Py<PyAny>; 3]> = PyOnceLock::new();
+/// The torch dtypes the fused kernels take, looked up once: float32, float16, bfloat16, int8.
+static TORCH_DTYPES: PyOnceLock<[Py<PyAny>; 4]> = PyOnceLock::new();
 
-/// The memory of a contiguous CPU torch tensor of a float dtype the fused kernels take:
-/// (address, elements, dtype), read through the tensor's own accessors (what
-/// `__array_interface__` views would read, without building one per call). `what` names the
-/// argument in errors.
-fn cpu_float_tensor(t: &Bound<'_, PyAny>, what: &str) -> PyResult<(usize, usize, FloatDtype)> {
-    let py = t.py();
-    let dtypes = TORCH_FLOAT_DTYPES.get_or_try_init(py, || -> PyResult<_> {
+fn torch_dtypes(py: Python<'_>) -> PyResult<&[Py<PyAny>; 4]> {
+    TORCH_DTYPES.get_or_try_init(py, || -> PyResult<_> {
         let torch = py.import("torch")?;
         Ok([
             torch.getattr("float32")?.unbind(),
             torch.getattr("float16")?.unbind(),
             torch.getattr("bfloat16")?.unbind(),
+            torch.getattr("int8")?.unbind(),
         ])
-    })?;
+    })
+}
+
+/// (address, elements) of a contiguous CPU tensor of `elem_size`-byte elements, read through
+/// the tensor's own accessors (what `__array_interface__` views would read, without building
+/// one per call); the address is non-null and aligned when there are elements. `what` names
+/// the argument in errors.
+fn cpu_tensor_memory(
+    t: &Bound<'_, PyAny>,
+    what: &str,
+    elem_size: usize,
+) -> PyResult<(usize, usize)> {
+    let py = t.py();
+    if !t.getattr(intern!(py, "is_cpu"))?.is_truthy()? {
+        return Err(PyValueError::new_err(format!(
+            "{what} must be a CPU tensor"
+        )));
+    }
+    if !t.call_method0(intern!(py, "is_contiguous"))?.is_truthy()? {
+        return Err(PyValueError::new_err(format!("{what} must be contiguous")));
+    }
+    let n: usize = t.call_method0(intern!(py, "numel"))?.extract()?;
+    let addr: usize = t.call_method0(intern!(py, "data_ptr"))?.extract()?;
+    if n > 0 && (addr == 0 || !addr.is_multiple_of(elem_size)) {
+        return Err(PyValueError::new_err(format!(
+            "{what} has no addressable memory (address {addr:#x})"
+        )));
+    }
+    Ok((addr, n))
+}
+
+/// The memory of a contiguous CPU torch tensor of a float dtype the fused kernels take:
+/// (address, elements, dtype); see [`cpu_tensor_memory`].
+fn cpu_float_tensor(t: &Bound<'_, PyAny>, what: &str) -> PyResult<(usize, usize, FloatDtype)> {
+    let py = t.py();
+    let dtypes = torch_dtypes(py)?;
     let dtype = t.getattr(intern!(py, "dtype"))?;
     let dt = if dtype.is(&dtypes[0]) {
         FloatDtype::F32
@@ -1610,23 +1641,58 @@ fn cpu_float_tensor(t: &Bound<'_, PyAny>, what: &str) -> PyResult<(usize, usize,
             "{what} must be a float32, float16 or bfloat16 tensor, not {dtype}"
         )));
     };
-    if !t.getattr(intern!(py, "is_cpu"))?.is_truthy()? {
-        return Err(PyValueError::new_err(format!(
-            "{what} must be a CPU tensor"
-        )));
-    }
-    if !t.call_method0(intern!(py, "is_contiguous"))?.is_truthy()? {
-        return Err(PyValueError::new_err(format!("{what} must be contiguous")));
-    }
-    let n: usize = t.call_method0(intern!(py, "numel"))?.extract()?;
-    let addr: usize = t.call_method0(intern!(py, "data_ptr"))?.extract()?;
-    let align = if dt == FloatDtype::F32 { 4 } else { 2 };
-    if n > 0 && (addr == 0 || !addr.is_multiple_of(align)) {
-        return Err(PyValueError::new_err(format!(
-            "{what} has no addressable memory (address {addr:#x})"
-        )));
-    }
+    let (addr, n) = cpu_tensor_memory(t, what, if dt == FloatDtype::F32 { 4 } else { 2 })?;
     Ok((addr, n, dt))
+}
+
+/// [`cpu_tensor_memory`] of a tensor that must have torch dtype `dtypes[index]` (named `name`).
+fn cpu_tensor_of(
+    t: &Bound<'_, PyAny>,
+    what: &str,
+    index: usize,
+    name: &str,
+    elem_size: usize,
+) -> PyResult<(usize, usize)> {
+    let py = t.py();
+    let dtype = t.getattr(intern!(py, "dtype"))?;
+    if !dtype.is(&torch_dtypes(py)?[index]) {
+        return Err(PyValueError::new_err(format!(
+            "{what} must be a torch.{name} tensor, not {dtype}"
+        )));
+    }
+    cpu_tensor_memory(t, what, elem_size)
+}
+
+/// Whether byte ranges `[a, a + alen)` and `[b, b + blen)` share a byte.
+fn overlaps(a: usize, alen: usize, b: usize, blen: usize) -> bool {
+    a < b + blen && b < a + alen
+}
+
+/// A typed view of tensor memory checked by [`cpu_tensor_memory`].
+///
+/// # Safety
+/// `addr` is the aligned, non-null start of `len` elements of T (any address when `len` is
+/// 0) that stay alive and unwritten for `'a`.
+unsafe fn tensor_view<'a, T>(addr: usize, len: usize) -> &'a [T] {
+    if len == 0 {
+        &[]
+    } else {
+        // SAFETY: the caller's contract.
+        unsafe { std::slice::from_raw_parts(addr as *const T, len) }
+    }
+}
+
+/// [`tensor_view`], writable.
+///
+/// # Safety
+/// As [`tensor_view`], and nothing else reads or writes the memory for `'a`.
+unsafe fn tensor_view_mut<'a, T>(addr: usize, len: usize) -> &'a mut [T] {
+    if len == 0 {
+        &mut []
+    } else {
+        // SAFETY: the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(addr as *mut T, len) }
+    }
 }
 
 /// [`matmul_4bit`] on torch tensors: `x` (`rows x in_features`) and `out` (`rows x
@@ -1668,7 +1734,6 @@ fn matmul_4bit_tensor<'py>(
     }
     let size = if x_dt == FloatDtype::F32 { 4 } else { 2 };
     // out is written while x and the weight are read: no byte may be shared.
-    let overlaps = |a: usize, alen: usize, b: usize, blen: usize| a < b + blen && b < a + alen;
     let o_bytes = o_len * size;
     let p = packed.as_slice()?;
     let a = absmax.as_slice()?;
@@ -1691,42 +1756,34 @@ fn matmul_4bit_tensor<'py>(
         Some(b) => Some(b.as_slice()?),
         None => None,
     };
-    /// A typed view of tensor memory checked by [`cpu_float_tensor`].
-    unsafe fn view<'a, T>(addr: usize, len: usize) -> &'a [T] {
-        if len == 0 {
-            &[]
-        } else {
-            // SAFETY (caller): `addr` is the aligned, non-null start of `len` elements of T.
-            unsafe { std::slice::from_raw_parts(addr as *const T, len) }
-        }
-    }
-    unsafe fn view_mut<'a, T>(addr: usize, len: usize) -> &'a mut [T] {
-        if len == 0 {
-            &mut []
-        } else {
-            // SAFETY (caller): as `view`, and nothing else reads or writes it meanwhile.
-            unsafe { std::slice::from_raw_parts_mut(addr as *mut T, len) }
-        }
-    }
     // SAFETY: both tensors are contiguous CPU tensors of this dtype whose `numel` elements
     // start at the checked addresses; `x` and `out` (held by the caller for this call) keep
     // their storage alive; `out` shares no byte with x or the weight.
     unsafe {
         match x_dt {
             FloatDtype::F32 => {
-                let (xs, os) = (view::<f32>(x_addr, x_len), view_mut::<f32>(o_addr, o_len));
+                let (xs, os) = (
+                    tensor_view::<f32>(x_addr, x_len),
+                    tensor_view_mut::<f32>(o_addr, o_len),
+                );
                 run_fused(py, threads, |t| {
                     nybble_core::matmul::matmul_4bit_on(t, xs, rows, &w, b, os, level)
                 })
             }
             FloatDtype::F16 => {
-                let (xs, os) = (view::<f16>(x_addr, x_len), view_mut::<f16>(o_addr, o_len));
+                let (xs, os) = (
+                    tensor_view::<f16>(x_addr, x_len),
+                    tensor_view_mut::<f16>(o_addr, o_len),
+                );
                 run_fused(py, threads, |t| {
                     nybble_core::matmul::matmul_4bit_on(t, xs, rows, &w, b, os, level)
                 })
             }
             FloatDtype::BF16 => {
-                let (xs, os) = (view::<bf16>(x_addr, x_len), view_mut::<bf16>(o_addr, o_len));
+                let (xs, os) = (
+                    tensor_view::<bf16>(x_addr, x_len),
+                    tensor_view_mut::<bf16>(o_addr, o_len),
+                );
                 run_fused(py, threads, |t| {
                     nybble_core::matmul::matmul_4bit_on(t, xs, rows, &w, b, os, level)
                 })
@@ -1788,6 +1845,110 @@ fn int8_linear<'py>(
     }))
 }
 
+/// [`int8_linear`] on torch tensors (the per-token decode path: no numpy views built per
+/// call): `x` (`rows x in_features`) and `out` (`rows x out_features`, written) contiguous
+/// CPU tensors of one float dtype, any leading shape; `q_w` int8 (`out_features x
+/// in_features`), `scb` and `bias` float32, all contiguous CPU tensors; `out` shares no byte
+/// with any of them.
+#[pyfunction]
+#[pyo3(signature = (x, out, q_w, scb, out_features, in_features, threshold, bias=None, simd=None, threads=None))]
+#[allow(clippy::too_many_arguments)]
+fn int8_linear_tensor<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    out: &Bound<'py, PyAny>,
+    q_w: &Bound<'py, PyAny>,
+    scb: &Bound<'py, PyAny>,
+    out_features: usize,
+    in_features: usize,
+    threshold: f32,
+    bias: Option<&Bound<'py, PyAny>>,
+    simd: Option<&str>,
+    threads: Option<usize>,
+) -> PyResult<()> {
+    let level = fused_simd_level(simd)?;
+    let (x_addr, x_len, x_dt) = cpu_float_tensor(x, "x")?;
+    let (o_addr, o_len, o_dt) = cpu_float_tensor(out, "out")?;
+    if x_dt != o_dt {
+        return Err(PyValueError::new_err("x and out must have the same dtype"));
+    }
+    let (q_addr, q_len) = cpu_tensor_of(q_w, "q_w", 3, "int8", 1)?;
+    let (s_addr, s_len) = cpu_tensor_of(scb, "scb", 0, "float32", 4)?;
+    let bias_mem = match bias {
+        Some(b) => Some(cpu_tensor_of(b, "bias", 0, "float32", 4)?),
+        None => None,
+    };
+    if in_features == 0 || !x_len.is_multiple_of(in_features) {
+        return Err(PyValueError::new_err(format!(
+            "x has {x_len} elements, not a multiple of in_features = {in_features}"
+        )));
+    }
+    let rows = x_len / in_features;
+    if rows.checked_mul(out_features) != Some(o_len) {
+        return Err(PyValueError::new_err(format!(
+            "out has {o_len} elements, expected {rows} x {out_features}"
+        )));
+    }
+    let size = if x_dt == FloatDtype::F32 { 4 } else { 2 };
+    let o_bytes = o_len * size;
+    let mut inputs = vec![(x_addr, x_len * size), (q_addr, q_len), (s_addr, s_len * 4)];
+    if let Some((b_addr, b_len)) = bias_mem {
+        inputs.push((b_addr, b_len * 4));
+    }
+    if o_len > 0 && inputs.iter().any(|&(a, n)| overlaps(o_addr, o_bytes, a, n)) {
+        return Err(PyValueError::new_err(
+            "out overlaps x, the weight or the bias",
+        ));
+    }
+    // SAFETY (every view below): contiguous CPU tensors of these dtypes whose `numel`
+    // elements start at the checked addresses, kept alive by the caller for this call; `out`
+    // shares no byte with the inputs. The core checks every length against the shapes.
+    let w = nybble_core::int8_matmul::Int8Matrix {
+        q: unsafe { tensor_view::<i8>(q_addr, q_len) },
+        scb: unsafe { tensor_view::<f32>(s_addr, s_len) },
+        out_features,
+        in_features,
+    };
+    let b = bias_mem.map(|(addr, len)| unsafe { tensor_view::<f32>(addr, len) });
+    unsafe {
+        match x_dt {
+            FloatDtype::F32 => {
+                let (xs, os) = (
+                    tensor_view::<f32>(x_addr, x_len),
+                    tensor_view_mut::<f32>(o_addr, o_len),
+                );
+                run_fused(py, threads, |t| {
+                    nybble_core::int8_matmul::int8_linear_on(
+                        t, xs, rows, &w, b, threshold, os, level,
+                    )
+                })
+            }
+            FloatDtype::F16 => {
+                let (xs, os) = (
+                    tensor_view::<f16>(x_addr, x_len),
+                    tensor_view_mut::<f16>(o_addr, o_len),
+                );
+                run_fused(py, threads, |t| {
+                    nybble_core::int8_matmul::int8_linear_on(
+                        t, xs, rows, &w, b, threshold, os, level,
+                    )
+                })
+            }
+            FloatDtype::BF16 => {
+                let (xs, os) = (
+                    tensor_view::<bf16>(x_addr, x_len),
+                    tensor_view_mut::<bf16>(o_addr, o_len),
+                );
+                run_fused(py, threads, |t| {
+                    nybble_core::int8_matmul::int8_linear_on(
+                        t, xs, rows, &w, b, threshold, os, level,
+                    )
+                })
+            }
+        }
+    }
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -1845,6 +2006,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(matmul_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(matmul_4bit_tensor, m)?)?;
+    m.add_function(wrap_pyfunction!(int8_linear_tensor, m)?)?;
     m.add_function(wrap_pyfunction!(env_var, m)?)?;
     m.add_function(wrap_pyfunction!(int8_linear, m)?)?;
     Ok(())
