@@ -24,7 +24,7 @@ import nybble  # noqa: E402
 from nybble import _core, kernels  # noqa: E402
 from nybble.kernels import _cpu, ops  # noqa: E402
 from nybble.kernels import reference as ref  # noqa: E402
-from nybble.nn import Linear4bit  # noqa: E402
+from nybble.nn import Linear4bit, Linear8bitLt  # noqa: E402
 
 LEVELS = _core.simd_levels()
 #: Each level, and at AVX2 each of its two decodes forced (NYBBLE_AVX2_DECODE) whatever the vendor.
@@ -541,6 +541,29 @@ def test_fused_int8_on_tensors_equals_the_numpy_entry(gen):
                               None if b is None else _cpu.np_view(b), 6.0, _cpu.np_view(via_numpy))
             assert torch.equal(via_tensors, via_numpy)
             assert torch.equal(via_tensors.view(6, 24), ops._int8_linear(x.reshape(6, 96), q, scb, b, 6.0))
+
+
+def test_fused_int8_takes_unaligned_float32_tensors(gen):
+    """A checkpoint's SCB or bias can start at any byte of the file's buffer; the op copies
+    such a tensor to aligned memory (the core reads &[f32]) instead of refusing it, and a
+    loaded Linear8bitLt keeps its SCB in its own aligned storage."""
+    x, q, scb = _int8_case(gen, 3, 8, 64, (2,), torch.float32)
+    bias = torch.randn(8, generator=gen)
+
+    def unaligned(t):
+        raw = bytearray(t.numel() * 4 + 2)
+        u = torch.frombuffer(raw, dtype=torch.float32, offset=2, count=t.numel())
+        u.copy_(t)
+        assert u.data_ptr() % 4 == 2
+        return u
+
+    expected = ops._int8_linear(x, q, scb, bias, 6.0)
+    assert torch.equal(_cpu.int8_linear(x, q, unaligned(scb), unaligned(bias), 6.0), expected)
+    assert torch.equal(_cpu.int8_linear(unaligned(x.reshape(-1)).view(3, 64), q, scb, bias, 6.0), expected)
+    layer = Linear8bitLt(64, 8, bias=False)
+    state = {"weight": q, "SCB": unaligned(scb)}
+    layer.load_state_dict(state, strict=False)
+    assert layer.SCB.data_ptr() % 4 == 0 and torch.equal(layer.SCB, scb)
 
 
 def test_fused_int8_on_tensors_bad_arguments(gen):

@@ -294,11 +294,20 @@ def int8_linear(x, q_w, w_scale, bias, threshold, simd: str | None = None):
     out = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype)
     # Every argument goes to the core as a tensor (no numpy views built per call).
     contiguous = [t if t.is_contiguous() else t.contiguous() for t in (x, q_w)]
-    scb = w_scale if w_scale.dtype == torch.float32 and w_scale.is_contiguous() else w_scale.float().contiguous()
-    b = None if bias is None else bias.detach().float().contiguous()
-    _core.int8_linear_tensor(contiguous[0], out, contiguous[1], scb, n_out, n_in, float(threshold), b, simd,
+    b = None if bias is None else _aligned_float32(bias.detach())
+    _core.int8_linear_tensor(_aligned_float32(contiguous[0]) if x.dtype == torch.float32 else contiguous[0], out,
+                             contiguous[1], _aligned_float32(w_scale), n_out, n_in, float(threshold), b, simd,
                              torch.get_num_threads())
     return out
+
+
+def _aligned_float32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a contiguous float32 tensor at a 4-byte aligned address (the core reads it as
+    ``&[f32]``): itself when it already is one, else a copy. Tensors read from a safetensors
+    file at an odd offset (a checkpoint's SCB, bias) can start anywhere."""
+    if t.dtype == torch.float32 and t.is_contiguous() and t.data_ptr() % 4 == 0:
+        return t
+    return t.float().clone(memory_format=torch.contiguous_format)
 
 
 def adamw_8bit(p, g, state1, state2, absmax1, absmax2, code1, code2, h: dict, threads: int | None) -> None:

@@ -89,7 +89,9 @@ class Linear8bitLt(nn.Module):
             return
         dev = w.device if self.weight.is_meta else self.weight.device  # meta-built: see Linear4bit
         self.weight = w.to(dev).contiguous()
-        self.scb_bits = state_dict[prefix + _SCB].to(dev).float().contiguous().view(torch.int32)
+        # Its own storage: a tensor read from a file may start at an unaligned offset.
+        self.scb_bits = state_dict[prefix + _SCB].to(dev).float().clone(
+            memory_format=torch.contiguous_format).view(torch.int32)
         if self.bias is not None:
             if prefix + "bias" in state_dict:
                 self.bias = nn.Parameter(state_dict[prefix + "bias"].to(dev).clone(), requires_grad=False)

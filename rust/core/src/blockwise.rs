@@ -990,6 +990,8 @@ pub fn quantize_8bit_with<T: Element>(
     level: SimdLevel,
 ) -> Result<Blockwise8> {
     let level = level.checked()?;
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = level; // only x86 has kernels beyond the portable loop
     check_blocksize(blocksize)?;
     check_sorted_codebook(code, 256)?;
     let book: &[f32; 256] = code.try_into().expect("checked: 256 entries");
@@ -1006,6 +1008,7 @@ pub fn quantize_8bit_with<T: Element>(
         .map(|((xb, cb), am)| {
             let mut amax = 0.0f32;
             let mut bad = false;
+            #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
             let mut scanned = 0;
             #[cfg(target_arch = "x86_64")]
             if level >= SimdLevel::Avx512 {
@@ -1032,6 +1035,7 @@ pub fn quantize_8bit_with<T: Element>(
                 }
             }
             let divisor = amax.max(MIN_ABSMAX);
+            #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
             let mut done = 0;
             #[cfg(target_arch = "x86_64")]
             if level >= SimdLevel::Avx512 && !bad {
