@@ -545,7 +545,7 @@ def test_fused_int8_on_tensors_equals_the_numpy_entry(gen):
 
 def test_fused_int8_takes_unaligned_float32_tensors(gen):
     """A checkpoint's SCB or bias can start at any byte of the file's buffer; the op copies
-    such a tensor to aligned memory (the core reads &[f32]) instead of refusing it, and a
+    such a tensor (and the 4-bit op its bias) to aligned memory (the core reads &[f32]), and a
     loaded Linear8bitLt keeps its SCB in its own aligned storage."""
     x, q, scb = _int8_case(gen, 3, 8, 64, (2,), torch.float32)
     bias = torch.randn(8, generator=gen)
@@ -560,6 +560,9 @@ def test_fused_int8_takes_unaligned_float32_tensors(gen):
     expected = ops._int8_linear(x, q, scb, bias, 6.0)
     assert torch.equal(_cpu.int8_linear(x, q, unaligned(scb), unaligned(bias), 6.0), expected)
     assert torch.equal(_cpu.int8_linear(unaligned(x.reshape(-1)).view(3, 64), q, scb, bias, 6.0), expected)
+    packed, absmax = _quantized(gen, 8, 64, 64, "nf4", False)
+    want4 = _cpu.matmul_4bit_fused(x, packed, absmax, (8, 64), 64, "nf4", bias)
+    assert torch.equal(_cpu.matmul_4bit_fused(x, packed, absmax, (8, 64), 64, "nf4", unaligned(bias)), want4)
     layer = Linear8bitLt(64, 8, bias=False)
     state = {"weight": q, "SCB": unaligned(scb)}
     layer.load_state_dict(state, strict=False)

@@ -239,7 +239,7 @@ def matmul_4bit_views(x, packed: np.ndarray, absmax: np.ndarray, n_out: int, n_i
     if not x.is_contiguous():
         x = x.contiguous()
     out = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype)
-    b = None if bias is None else np_view(bias.detach().to(x.dtype).float())
+    b = None if bias is None else np_view(_aligned_float32(bias.detach().to(x.dtype)))
     _core.matmul_4bit_tensor(x, out, packed, absmax, n_out, n_in, blocksize, quant_type, b, simd,
                              torch.get_num_threads())
     return out
@@ -305,9 +305,11 @@ def _aligned_float32(t: torch.Tensor) -> torch.Tensor:
     """``t`` as a contiguous float32 tensor at a 4-byte aligned address (the core reads it as
     ``&[f32]``): itself when it already is one, else a copy. Tensors read from a safetensors
     file at an odd offset (a checkpoint's SCB, bias) can start anywhere."""
-    if t.dtype == torch.float32 and t.is_contiguous() and t.data_ptr() % 4 == 0:
+    if t.dtype != torch.float32:
+        return t.float().contiguous()  # a new tensor: aligned
+    if t.is_contiguous() and t.data_ptr() % 4 == 0:
         return t
-    return t.float().clone(memory_format=torch.contiguous_format)
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def adamw_8bit(p, g, state1, state2, absmax1, absmax2, code1, code2, h: dict, threads: int | None) -> None:
