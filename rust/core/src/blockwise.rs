@@ -2,11 +2,14 @@
 //! bitsandbytes. The tensor is flattened row-major; blocks of `blocksize` elements may span
 //! rows; each block keeps a float32 absmax.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use rayon::prelude::*;
 
 use crate::codebook::{check_sorted_codebook, QuantType4, FP4, NF4};
 use crate::element::{first_non_finite, Element};
 use crate::error::{check_blocksize, check_len, num_blocks, Error, Result};
+use crate::parallel::{for_tasks, Threads};
 use crate::simd::SimdLevel;
 
 /// bitsandbytes clamps the divisor so an all-zero block scales to zeros instead of NaN.
@@ -728,6 +731,29 @@ pub fn quantize_4bit_into_with<T: Element>(
     absmax: &mut [f32],
     level: SimdLevel,
 ) -> Result<()> {
+    quantize_4bit_into_on(
+        Threads::Current,
+        x,
+        blocksize,
+        quant_type,
+        packed,
+        absmax,
+        level,
+    )
+}
+
+/// [`quantize_4bit_into_with`] on the given threads (the caller always works; see
+/// [`crate::parallel`]): the bindings pass torch's own OpenMP team, so a quantize right after
+/// a torch op does not compete with that team's spinning threads for the cores.
+pub fn quantize_4bit_into_on<T: Element>(
+    threads: Threads,
+    x: &[T],
+    blocksize: usize,
+    quant_type: QuantType4,
+    packed: &mut [u8],
+    absmax: &mut [f32],
+    level: SimdLevel,
+) -> Result<()> {
     let level = level.checked()?;
     check_blocksize(blocksize)?;
     let n = x.len();
@@ -738,29 +764,47 @@ pub fn quantize_4bit_into_with<T: Element>(
     // Tasks of >= 64K elements amortize the per-task scratch setup; still hundreds of tasks
     // for a 4096x4096 weight.
     let blocks_per_task = MIN_BLOCKS_PER_TASK.max((1 << 16) / blocksize);
-    let bad = x
-        .par_chunks(blocksize * blocks_per_task)
-        .zip(packed.par_chunks_mut(blocksize / 2 * blocks_per_task))
-        .zip(absmax.par_chunks_mut(blocks_per_task))
-        .enumerate()
-        .map(|(t, ((xs, ps), ams))| {
-            quantize_blocks_4bit(
-                xs,
-                ps,
-                ams,
-                blocksize,
-                &decider,
-                n,
-                t * blocks_per_task,
-                level,
+    let task_elems = blocksize * blocks_per_task; // even: blocksizes are powers of two >= 32
+    let bad = AtomicBool::new(false);
+    let (p_ptr, a_ptr) = (SendPtr(packed.as_mut_ptr()), SendPtr(absmax.as_mut_ptr()));
+    let (p_len, a_len) = (packed.len(), absmax.len());
+    for_tasks(threads, n.div_ceil(task_elems), &|t| {
+        let x0 = t * task_elems;
+        let xs = &x[x0..(x0 + task_elems).min(n)];
+        let (p0, a0) = (x0 / 2, t * blocks_per_task);
+        let p1 = (p0 + task_elems / 2).min(p_len);
+        let a1 = (a0 + blocks_per_task).min(a_len);
+        // SAFETY: task t owns bytes [p0, p1) of `packed` and entries [a0, a1) of `absmax`,
+        // disjoint from every other task's; both outlive `for_tasks`, which returns only
+        // when every task has finished.
+        let (ps, ams) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(p_ptr.get().add(p0), p1 - p0),
+                std::slice::from_raw_parts_mut(a_ptr.get().add(a0), a1 - a0),
             )
-        })
-        .reduce(|| false, |a, b| a | b);
-    if bad {
+        };
+        if quantize_blocks_4bit(xs, ps, ams, blocksize, &decider, n, a0, level) {
+            bad.store(true, Ordering::Relaxed);
+        }
+    });
+    if bad.load(Ordering::Relaxed) {
         return Err(non_finite_error(x));
     }
     Ok(())
 }
+
+/// A raw pointer that tasks on other threads may use (each on its own disjoint range).
+struct SendPtr<T>(*mut T);
+
+impl<T> SendPtr<T> {
+    /// The pointer (a method, so closures capture the whole wrapper, not the raw field).
+    fn get(&self) -> *mut T {
+        self.0
+    }
+}
+
+// SAFETY: only used for disjoint per-task ranges (see `quantize_4bit_into_on`); T is Send.
+unsafe impl<T: Send> Sync for SendPtr<T> {}
 
 /// Block-wise 4-bit quantization (NF4 or FP4).
 pub fn quantize_4bit<T: Element>(

@@ -600,8 +600,10 @@ fn quantize_4bit<'py>(
         let mut p = packed.readwrite();
         let mut a = absmax.readwrite();
         let (ps, as_) = (p.as_slice_mut()?, a.as_slice_mut()?);
-        with_floats!(input, |s| run(py, threads, || {
-            blockwise::quantize_4bit_into_with(s, blocksize, qt, ps, as_, level)
+        // On torch's OpenMP team where it has one, as the fused matmuls: its threads spin
+        // after each torch op, and a second pool would fight them for the cores.
+        with_floats!(input, |s| run_fused(py, threads, |t| {
+            blockwise::quantize_4bit_into_on(t, s, blocksize, qt, ps, as_, level)
         })?);
     }
     Ok((packed, absmax))
@@ -1446,8 +1448,9 @@ fn parallel_backend() -> &'static str {
     }
 }
 
-/// Runs a fused matmul with the GIL released on the calling thread plus `threads` - 1 others:
-/// the OpenMP team when one is selected, else the workers of the rayon pool for `threads`,
+/// Runs a fused matmul (or the 4-bit quantize) with the GIL released on the calling thread
+/// plus `threads` - 1 others: the OpenMP team when one is selected, else the workers of the
+/// rayon pool for `threads`,
 /// which join as they wake (no hand-off to a sleeping pool thread; see
 /// `nybble_core::parallel`). A panic becomes InternalError as in `run`.
 fn run_fused<R: Send>(
