@@ -293,11 +293,10 @@ def int8_linear(x, q_w, w_scale, bias, threshold, simd: str | None = None):
         raise ValueError(f"x has {x.shape[-1]} features, the int8 weight {n_in}")
     out = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype)
     # Every argument goes to the core as a tensor (no numpy views built per call).
-    contiguous = [t if t.is_contiguous() else t.contiguous() for t in (x, q_w)]
+    x = _aligned_float32(x) if x.dtype == torch.float32 else x.contiguous()
     b = None if bias is None else _aligned_float32(bias.detach())
-    _core.int8_linear_tensor(_aligned_float32(contiguous[0]) if x.dtype == torch.float32 else contiguous[0], out,
-                             contiguous[1], _aligned_float32(w_scale), n_out, n_in, float(threshold), b, simd,
-                             torch.get_num_threads())
+    _core.int8_linear_tensor(x, out, q_w.contiguous(), _aligned_float32(w_scale), n_out, n_in, float(threshold), b,
+                             simd, torch.get_num_threads())
     return out
 
 

@@ -1698,6 +1698,88 @@ unsafe fn tensor_view_mut<'a, T>(addr: usize, len: usize) -> &'a mut [T] {
     }
 }
 
+/// x and out of a fused call on torch tensors, checked: contiguous CPU tensors of one float
+/// dtype, x a whole number of `in_features` rows, out as many rows of `out_features`, and out
+/// sharing no byte with x or any of `inputs` ((address, bytes) of the weight's arrays).
+struct TensorXOut {
+    x: (usize, usize),
+    out: (usize, usize),
+    dtype: FloatDtype,
+    rows: usize,
+}
+
+impl TensorXOut {
+    fn check(
+        x: &Bound<'_, PyAny>,
+        out: &Bound<'_, PyAny>,
+        in_features: usize,
+        out_features: usize,
+        inputs: &[(usize, usize)],
+    ) -> PyResult<Self> {
+        let (x_addr, x_len, x_dt) = cpu_float_tensor(x, "x")?;
+        let (o_addr, o_len, o_dt) = cpu_float_tensor(out, "out")?;
+        if x_dt != o_dt {
+            return Err(PyValueError::new_err("x and out must have the same dtype"));
+        }
+        if in_features == 0 || !x_len.is_multiple_of(in_features) {
+            return Err(PyValueError::new_err(format!(
+                "x has {x_len} elements, not a multiple of in_features = {in_features}"
+            )));
+        }
+        let rows = x_len / in_features;
+        if rows.checked_mul(out_features) != Some(o_len) {
+            return Err(PyValueError::new_err(format!(
+                "out has {o_len} elements, expected {rows} x {out_features}"
+            )));
+        }
+        // out is written while x and the weight are read: no byte may be shared.
+        let size = if x_dt == FloatDtype::F32 { 4 } else { 2 };
+        let o_bytes = o_len * size;
+        let shared = overlaps(o_addr, o_bytes, x_addr, x_len * size)
+            || inputs.iter().any(|&(a, n)| overlaps(o_addr, o_bytes, a, n));
+        if o_len > 0 && shared {
+            return Err(PyValueError::new_err(
+                "out overlaps x, the weight or the bias",
+            ));
+        }
+        Ok(TensorXOut {
+            x: (x_addr, x_len),
+            out: (o_addr, o_len),
+            dtype: x_dt,
+            rows,
+        })
+    }
+}
+
+/// Runs `$body` with `$xs` / `$os` typed views of a [`TensorXOut`]'s x and out.
+macro_rules! with_tensor_x_out {
+    ($io:expr, |$xs:ident, $os:ident| $body:expr) => {{
+        let io = &$io;
+        // SAFETY: `TensorXOut::check` found both contiguous CPU tensors of this dtype whose
+        // `numel` elements start at these addresses (the caller holds them for this call), and
+        // out sharing no byte with x or the weight.
+        unsafe {
+            match io.dtype {
+                FloatDtype::F32 => {
+                    let $xs = tensor_view::<f32>(io.x.0, io.x.1);
+                    let $os = tensor_view_mut::<f32>(io.out.0, io.out.1);
+                    $body
+                }
+                FloatDtype::F16 => {
+                    let $xs = tensor_view::<f16>(io.x.0, io.x.1);
+                    let $os = tensor_view_mut::<f16>(io.out.0, io.out.1);
+                    $body
+                }
+                FloatDtype::BF16 => {
+                    let $xs = tensor_view::<bf16>(io.x.0, io.x.1);
+                    let $os = tensor_view_mut::<bf16>(io.out.0, io.out.1);
+                    $body
+                }
+            }
+        }
+    }};
+}
+
 /// [`matmul_4bit`] on torch tensors: `x` (`rows x in_features`) and `out` (`rows x
 /// out_features`, written) contiguous CPU tensors of one float dtype, any leading shape. The
 /// per-token decode path: no numpy views of x and out to build per call.
@@ -1719,34 +1801,17 @@ fn matmul_4bit_tensor<'py>(
     threads: Option<usize>,
 ) -> PyResult<()> {
     let (qt, level) = fused_4bit_args(quant_type, simd, &packed, &absmax, &bias)?;
-    let (x_addr, x_len, x_dt) = cpu_float_tensor(x, "x")?;
-    let (o_addr, o_len, o_dt) = cpu_float_tensor(out, "out")?;
-    if x_dt != o_dt {
-        return Err(PyValueError::new_err("x and out must have the same dtype"));
-    }
-    if in_features == 0 || !x_len.is_multiple_of(in_features) {
-        return Err(PyValueError::new_err(format!(
-            "x has {x_len} elements, not a multiple of in_features = {in_features}"
-        )));
-    }
-    let rows = x_len / in_features;
-    if rows.checked_mul(out_features) != Some(o_len) {
-        return Err(PyValueError::new_err(format!(
-            "out has {o_len} elements, expected {rows} x {out_features}"
-        )));
-    }
-    let size = if x_dt == FloatDtype::F32 { 4 } else { 2 };
-    // out is written while x and the weight are read: no byte may be shared.
-    let o_bytes = o_len * size;
     let p = packed.as_slice()?;
     let a = absmax.as_slice()?;
-    if o_len > 0
-        && (overlaps(o_addr, o_bytes, x_addr, x_len * size)
-            || overlaps(o_addr, o_bytes, p.as_ptr() as usize, p.len())
-            || overlaps(o_addr, o_bytes, a.as_ptr() as usize, a.len() * 4))
-    {
-        return Err(PyValueError::new_err("out overlaps x or the weight"));
-    }
+    let b = match &bias {
+        Some(b) => Some(b.as_slice()?),
+        None => None,
+    };
+    let weight = [
+        (p.as_ptr() as usize, p.len()),
+        (a.as_ptr() as usize, a.len() * 4),
+    ];
+    let io = TensorXOut::check(x, out, in_features, out_features, &weight)?;
     let w = nybble_core::matmul::Packed4Matrix {
         packed: p,
         absmax: a,
@@ -1755,44 +1820,9 @@ fn matmul_4bit_tensor<'py>(
         blocksize,
         quant_type: qt,
     };
-    let b = match &bias {
-        Some(b) => Some(b.as_slice()?),
-        None => None,
-    };
-    // SAFETY: both tensors are contiguous CPU tensors of this dtype whose `numel` elements
-    // start at the checked addresses; `x` and `out` (held by the caller for this call) keep
-    // their storage alive; `out` shares no byte with x or the weight.
-    unsafe {
-        match x_dt {
-            FloatDtype::F32 => {
-                let (xs, os) = (
-                    tensor_view::<f32>(x_addr, x_len),
-                    tensor_view_mut::<f32>(o_addr, o_len),
-                );
-                run_fused(py, threads, |t| {
-                    nybble_core::matmul::matmul_4bit_on(t, xs, rows, &w, b, os, level)
-                })
-            }
-            FloatDtype::F16 => {
-                let (xs, os) = (
-                    tensor_view::<f16>(x_addr, x_len),
-                    tensor_view_mut::<f16>(o_addr, o_len),
-                );
-                run_fused(py, threads, |t| {
-                    nybble_core::matmul::matmul_4bit_on(t, xs, rows, &w, b, os, level)
-                })
-            }
-            FloatDtype::BF16 => {
-                let (xs, os) = (
-                    tensor_view::<bf16>(x_addr, x_len),
-                    tensor_view_mut::<bf16>(o_addr, o_len),
-                );
-                run_fused(py, threads, |t| {
-                    nybble_core::matmul::matmul_4bit_on(t, xs, rows, &w, b, os, level)
-                })
-            }
-        }
-    }
+    with_tensor_x_out!(io, |xs, os| run_fused(py, threads, |t| {
+        nybble_core::matmul::matmul_4bit_on(t, xs, io.rows, &w, b, os, level)
+    }))
 }
 
 /// The value of environment variable `name` (None when unset), read from the process
@@ -1870,42 +1900,20 @@ fn int8_linear_tensor<'py>(
     threads: Option<usize>,
 ) -> PyResult<()> {
     let level = fused_simd_level(simd)?;
-    let (x_addr, x_len, x_dt) = cpu_float_tensor(x, "x")?;
-    let (o_addr, o_len, o_dt) = cpu_float_tensor(out, "out")?;
-    if x_dt != o_dt {
-        return Err(PyValueError::new_err("x and out must have the same dtype"));
-    }
     let (q_addr, q_len) = cpu_tensor_of(q_w, "q_w", 3, "int8", 1)?;
     let (s_addr, s_len) = cpu_tensor_of(scb, "scb", 0, "float32", 4)?;
     let bias_mem = match bias {
         Some(b) => Some(cpu_tensor_of(b, "bias", 0, "float32", 4)?),
         None => None,
     };
-    if in_features == 0 || !x_len.is_multiple_of(in_features) {
-        return Err(PyValueError::new_err(format!(
-            "x has {x_len} elements, not a multiple of in_features = {in_features}"
-        )));
-    }
-    let rows = x_len / in_features;
-    if rows.checked_mul(out_features) != Some(o_len) {
-        return Err(PyValueError::new_err(format!(
-            "out has {o_len} elements, expected {rows} x {out_features}"
-        )));
-    }
-    let size = if x_dt == FloatDtype::F32 { 4 } else { 2 };
-    let o_bytes = o_len * size;
-    let mut inputs = vec![(x_addr, x_len * size), (q_addr, q_len), (s_addr, s_len * 4)];
+    let mut inputs = vec![(q_addr, q_len), (s_addr, s_len * 4)];
     if let Some((b_addr, b_len)) = bias_mem {
         inputs.push((b_addr, b_len * 4));
     }
-    if o_len > 0 && inputs.iter().any(|&(a, n)| overlaps(o_addr, o_bytes, a, n)) {
-        return Err(PyValueError::new_err(
-            "out overlaps x, the weight or the bias",
-        ));
-    }
-    // SAFETY (every view below): contiguous CPU tensors of these dtypes whose `numel`
-    // elements start at the checked addresses, kept alive by the caller for this call; `out`
-    // shares no byte with the inputs. The core checks every length against the shapes.
+    let io = TensorXOut::check(x, out, in_features, out_features, &inputs)?;
+    // SAFETY: contiguous CPU tensors of these dtypes whose `numel` elements start at the
+    // checked addresses, kept alive by the caller for this call and not written (out shares no
+    // byte with them). The core checks every length against the shapes.
     let w = nybble_core::int8_matmul::Int8Matrix {
         q: unsafe { tensor_view::<i8>(q_addr, q_len) },
         scb: unsafe { tensor_view::<f32>(s_addr, s_len) },
@@ -1913,43 +1921,9 @@ fn int8_linear_tensor<'py>(
         in_features,
     };
     let b = bias_mem.map(|(addr, len)| unsafe { tensor_view::<f32>(addr, len) });
-    unsafe {
-        match x_dt {
-            FloatDtype::F32 => {
-                let (xs, os) = (
-                    tensor_view::<f32>(x_addr, x_len),
-                    tensor_view_mut::<f32>(o_addr, o_len),
-                );
-                run_fused(py, threads, |t| {
-                    nybble_core::int8_matmul::int8_linear_on(
-                        t, xs, rows, &w, b, threshold, os, level,
-                    )
-                })
-            }
-            FloatDtype::F16 => {
-                let (xs, os) = (
-                    tensor_view::<f16>(x_addr, x_len),
-                    tensor_view_mut::<f16>(o_addr, o_len),
-                );
-                run_fused(py, threads, |t| {
-                    nybble_core::int8_matmul::int8_linear_on(
-                        t, xs, rows, &w, b, threshold, os, level,
-                    )
-                })
-            }
-            FloatDtype::BF16 => {
-                let (xs, os) = (
-                    tensor_view::<bf16>(x_addr, x_len),
-                    tensor_view_mut::<bf16>(o_addr, o_len),
-                );
-                run_fused(py, threads, |t| {
-                    nybble_core::int8_matmul::int8_linear_on(
-                        t, xs, rows, &w, b, threshold, os, level,
-                    )
-                })
-            }
-        }
-    }
+    with_tensor_x_out!(io, |xs, os| run_fused(py, threads, |t| {
+        nybble_core::int8_matmul::int8_linear_on(t, xs, io.rows, &w, b, threshold, os, level)
+    }))
 }
 
 #[pymodule]
