@@ -69,6 +69,14 @@ def simd_levels() -> list[str]:
 def simd_level(simd: str | None = None) -> str:
     """The level a fused matmul runs with ``simd`` (None: NYBBLE_SIMD, else detected)."""
 
+def set_parallel_backend(name: str) -> str:
+    """Selects the threads of the fused kernels: ``"openmp"`` (the OpenMP runtime already loaded
+    in the process, torch's; ``"rayon"`` when there is none) or ``"rayon"`` (nybble's pools).
+    Returns the backend now in use; another name is a ValueError."""
+
+def parallel_backend() -> str:
+    """The threads the fused kernels run on: ``"openmp"`` or ``"rayon"``."""
+
 def matmul_4bit(
     x: FloatArray,
     dtype: str,
@@ -150,7 +158,12 @@ def int8_linear(
     rounding to x's dtype. NonFiniteError on NaN / Inf in x."""
 
 def quantize_blockwise(
-    x: FloatArray, dtype: str, code: npt.NDArray[np.float32], blocksize: int, threads: int | None = None
+    x: FloatArray,
+    dtype: str,
+    code: npt.NDArray[np.float32],
+    blocksize: int,
+    threads: int | None = None,
+    simd: str | None = None,
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]: ...
 def dequantize_blockwise(
     codes: npt.NDArray[np.uint8],
@@ -159,13 +172,13 @@ def dequantize_blockwise(
     blocksize: int,
     out_dtype: str,
     threads: int | None = None,
-    simd: str | None = None,
 ) -> FloatArray: ...
 def double_quantize(
     absmax: npt.NDArray[np.float32],
     code: npt.NDArray[np.float32],
     nested_blocksize: int = 256,
     threads: int | None = None,
+    simd: str | None = None,
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32], float]: ...
 def double_dequantize(
     codes: npt.NDArray[np.uint8],

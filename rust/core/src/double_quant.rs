@@ -3,8 +3,9 @@
 
 use rayon::prelude::*;
 
-use crate::blockwise::{quantize_8bit, Blockwise8};
+use crate::blockwise::{quantize_8bit_with, Blockwise8};
 use crate::error::{check_blocksize, num_blocks, Error, Result};
+use crate::simd::SimdLevel;
 
 /// Elements per second-level block (bitsandbytes and the QLoRA paper use 256).
 pub const NESTED_BLOCKSIZE: usize = 256;
@@ -21,13 +22,26 @@ pub struct DoubleQuant {
 }
 
 /// Quantizes first-level absmaxes: `offset = mean(absmax)`, then `absmax - offset`
-/// block-wise 8-bit with `code` (the signed dynamic map) and `nested_blocksize`.
+/// block-wise 8-bit with `code` (the signed dynamic map) and `nested_blocksize`, on the
+/// highest SIMD level of this CPU.
 pub fn double_quantize(
     absmax: &[f32],
     code: &[f32],
     nested_blocksize: usize,
 ) -> Result<DoubleQuant> {
+    double_quantize_with(absmax, code, nested_blocksize, SimdLevel::detect())
+}
+
+/// [`double_quantize`] on a given SIMD level (one the CPU lacks is
+/// [`crate::error::Error::UnsupportedSimd`]); every level writes the same codes.
+pub fn double_quantize_with(
+    absmax: &[f32],
+    code: &[f32],
+    nested_blocksize: usize,
+    level: SimdLevel,
+) -> Result<DoubleQuant> {
     check_blocksize(nested_blocksize)?;
+    let level = level.checked()?;
     if absmax.is_empty() {
         return Ok(DoubleQuant {
             codes: vec![],
@@ -39,7 +53,8 @@ pub fn double_quantize(
     let sum: f64 = absmax.par_iter().map(|&a| a as f64).sum();
     let offset = (sum / absmax.len() as f64) as f32;
     let centered: Vec<f32> = absmax.par_iter().map(|&a| a - offset).collect();
-    let Blockwise8 { codes, absmax } = quantize_8bit(&centered, code, nested_blocksize)?;
+    let Blockwise8 { codes, absmax } =
+        quantize_8bit_with(&centered, code, nested_blocksize, level)?;
     Ok(DoubleQuant {
         codes,
         nested_absmax: absmax,

@@ -587,7 +587,7 @@ fn quantize_4bit<'py>(
     simd: Option<&str>,
 ) -> PyResult<(Bound<'py, PyArray1<u8>>, Bound<'py, PyArray1<f32>>)> {
     let qt = QuantType4::parse(quant_type).map_err(to_py_err)?;
-    let level = fused_simd_level(simd)?;
+    let level = requested_simd_level(simd)?;
     let input = float_in(x, dtype)?;
     nybble_core::error::check_blocksize(blocksize).map_err(to_py_err)?;
     let n = match &input {
@@ -625,7 +625,7 @@ fn dequantize_4bit<'py>(
     simd: Option<&str>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let qt = QuantType4::parse(quant_type).map_err(to_py_err)?;
-    let level = fused_simd_level(simd)?;
+    let level = requested_simd_level(simd)?;
     contiguous(&packed, "packed")?;
     contiguous(&absmax, "absmax")?;
     let (p, a) = (packed.as_slice()?, absmax.as_slice()?);
@@ -657,7 +657,7 @@ fn dequantize_4bit_into<'py>(
     simd: Option<&str>,
 ) -> PyResult<()> {
     let qt = QuantType4::parse(quant_type).map_err(to_py_err)?;
-    let level = fused_simd_level(simd)?;
+    let level = requested_simd_level(simd)?;
     contiguous(&packed, "packed")?;
     contiguous(&absmax, "absmax")?;
     let (p, a) = (packed.as_slice()?, absmax.as_slice()?);
@@ -687,9 +687,9 @@ fn dequantize_4bit_into<'py>(
 // ---------------------------------------------------------------- 8-bit block-wise
 
 /// Block-wise 8-bit quantization against a sorted 256-entry float32 codebook.
-/// Returns (codes uint8 (n,), absmax float32 (nblocks,)).
+/// Returns (codes uint8 (n,), absmax float32 (nblocks,)). `simd` as for `quantize_4bit`.
 #[pyfunction]
-#[pyo3(signature = (x, dtype, code, blocksize, threads=None))]
+#[pyo3(signature = (x, dtype, code, blocksize, threads=None, simd=None))]
 fn quantize_blockwise<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
@@ -697,13 +697,15 @@ fn quantize_blockwise<'py>(
     code: In<'py, f32>,
     blocksize: usize,
     threads: Option<usize>,
+    simd: Option<&str>,
 ) -> PyResult<(Bound<'py, PyArray1<u8>>, Bound<'py, PyArray1<f32>>)> {
+    let level = requested_simd_level(simd)?;
     let input = float_in(x, dtype)?;
     contiguous(&code, "code")?;
     let c = code.as_slice()?;
-    let q = with_floats!(input, |s| run(py, threads, || blockwise::quantize_8bit(
-        s, c, blocksize
-    ))?);
+    let q = with_floats!(input, |s| run(py, threads, || {
+        blockwise::quantize_8bit_with(s, c, blocksize, level)
+    })?);
     Ok((vec_out(py, q.codes), vec_out(py, q.absmax)))
 }
 
@@ -733,20 +735,23 @@ fn dequantize_blockwise<'py>(
 // ---------------------------------------------------------------- double quantization
 
 /// Double quantization of float32 absmaxes. Returns (codes uint8, nested_absmax float32, offset).
+/// `simd` as for `quantize_4bit`.
 #[pyfunction]
-#[pyo3(signature = (absmax, code, nested_blocksize=256, threads=None))]
+#[pyo3(signature = (absmax, code, nested_blocksize=256, threads=None, simd=None))]
 fn double_quantize<'py>(
     py: Python<'py>,
     absmax: In<'py, f32>,
     code: In<'py, f32>,
     nested_blocksize: usize,
     threads: Option<usize>,
+    simd: Option<&str>,
 ) -> PyResult<(Bound<'py, PyArray1<u8>>, Bound<'py, PyArray1<f32>>, f32)> {
+    let level = requested_simd_level(simd)?;
     contiguous(&absmax, "absmax")?;
     contiguous(&code, "code")?;
     let (a, c) = (absmax.as_slice()?, code.as_slice()?);
     let dq = run(py, threads, || {
-        double_quant::double_quantize(a, c, nested_blocksize)
+        double_quant::double_quantize_with(a, c, nested_blocksize, level)
     })?;
     Ok((
         vec_out(py, dq.codes),
@@ -1333,9 +1338,9 @@ fn adamw_step_8bit<'py>(
 
 // ---------------------------------------------------------------- fused CPU matmuls
 
-/// The SIMD level a fused matmul runs: `simd` if given, else `NYBBLE_SIMD` (read at each
-/// call), else the best this CPU has. An unknown or unavailable level is a ValueError.
-fn fused_simd_level(simd: Option<&str>) -> PyResult<nybble_core::simd::SimdLevel> {
+/// The SIMD level a kernel call runs (fused matmuls, quantize, dequantize): `simd` if given,
+/// else `NYBBLE_SIMD` (read at each call), else the best this CPU has. An unknown or unavailable level is a ValueError.
+fn requested_simd_level(simd: Option<&str>) -> PyResult<nybble_core::simd::SimdLevel> {
     let name = match simd {
         Some(s) => s.to_owned(),
         None => std::env::var("NYBBLE_SIMD").unwrap_or_default(),
@@ -1495,7 +1500,7 @@ fn simd_levels() -> Vec<&'static str> {
 #[pyfunction]
 #[pyo3(signature = (simd=None))]
 fn simd_level(simd: Option<&str>) -> PyResult<&'static str> {
-    Ok(fused_simd_level(simd)?.name())
+    Ok(requested_simd_level(simd)?.name())
 }
 
 /// Calls `$body` with `$x` (input slice) and `$o` (output slice) of one element type.
@@ -1532,7 +1537,7 @@ fn fused_4bit_args(
     bias: &Option<PyReadonlyArray1<'_, f32>>,
 ) -> PyResult<(QuantType4, nybble_core::simd::SimdLevel)> {
     let qt = QuantType4::parse(quant_type).map_err(to_py_err)?;
-    let level = fused_simd_level(simd)?;
+    let level = requested_simd_level(simd)?;
     contiguous(packed, "packed")?;
     contiguous(absmax, "absmax")?;
     if let Some(b) = bias {
@@ -1855,7 +1860,7 @@ fn int8_linear<'py>(
     simd: Option<&str>,
     threads: Option<usize>,
 ) -> PyResult<()> {
-    let level = fused_simd_level(simd)?;
+    let level = requested_simd_level(simd)?;
     contiguous(&q_w, "q_w")?;
     contiguous(&scb, "scb")?;
     if let Some(b) = &bias {
@@ -1899,7 +1904,7 @@ fn int8_linear_tensor<'py>(
     simd: Option<&str>,
     threads: Option<usize>,
 ) -> PyResult<()> {
-    let level = fused_simd_level(simd)?;
+    let level = requested_simd_level(simd)?;
     let (q_addr, q_len) = cpu_tensor_of(q_w, "q_w", 3, "int8", 1)?;
     let (s_addr, s_len) = cpu_tensor_of(scb, "scb", 0, "float32", 4)?;
     let bias_mem = match bias {
