@@ -5,6 +5,7 @@ without EOS / with token_type_ids, the built-in example, clean errors, the READM
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -259,3 +260,33 @@ def test_readme_generate_snippets_run_as_written(tmp_path, monkeypatch):
         r = CliRunner().invoke(main, shlex.split(c)[1:])
         assert r.exit_code == 0, (c, r.output)
         assert "prefill:" in r.stderr and "peak RSS" in r.stderr, c
+
+
+def test_ctrl_c_keeps_the_text_so_far_and_reports_it(packed):
+    """SIGINT mid-stream in a real process: the tokens produced stay on stdout (line ended),
+    their figures and the interruption go to stderr, exit status 130."""
+    import signal
+    import subprocess
+    import sys as _sys
+    import time as _time
+
+    proc = subprocess.Popen(
+        [_sys.executable, "-m", "nybble.cli", "generate", str(packed), "--prompt", "2 plus 3 is",
+         "--max-new-tokens", "100000", "--ignore-eos", "--temperature", "1.0", "--seed", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        first = proc.stdout.read(1)  # generation has started
+        assert first, proc.stderr.read().decode()
+        _time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    err = err.decode()
+    assert proc.returncode == 130, err
+    assert "interrupted (SIGINT) after" in err and "Traceback" not in err
+    n = int(err.split("interrupted (SIGINT) after ")[1].split()[0])
+    assert 1 <= n < 100000
+    assert f"decode: {n - 1} tokens in" in err or n == 1
+    assert "peak RSS" in err
+    assert (first + out).decode().endswith("\n")

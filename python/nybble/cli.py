@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -483,6 +484,16 @@ def generate_cmd(model, example, adapter, prompts, max_new_tokens, greedy, tempe
         click.echo(gen.peak_memory(dev), err=True)
     except gen.GenerateError as e:
         raise _Fail(str(e)) from None
+    except gen.GenerationInterrupted as e:  # Ctrl-C: the text so far stays, with its figures
+        click.echo(gen.format_stats(e.stats), err=True)
+        click.echo(gen.peak_memory(dev), err=True)
+        fail = _Fail(f"interrupted (SIGINT) after {e.stats.new_tokens} new tokens")
+        fail.exit_code = 128 + signal.SIGINT
+        raise fail from None
+    except KeyboardInterrupt:  # while loading, or between prompts
+        fail = _Fail("interrupted (SIGINT)")
+        fail.exit_code = 128 + signal.SIGINT
+        raise fail from None
 
 
 if __name__ == "__main__":  # python -m nybble.cli (e.g. under torchrun without the console script)

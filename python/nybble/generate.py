@@ -207,9 +207,19 @@ def stop_ids(tokenizer, model) -> list[int]:
     return ids
 
 
+class GenerationInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped :func:`generate`; ``stats``: the tokens produced until then
+    (their text was streamed, and the line ended)."""
+
+    def __init__(self, stats: "GenerationStats"):
+        super().__init__(f"interrupted after {stats.new_tokens} new tokens")
+        self.stats = stats
+
+
 class _Streamer:
     """transformers' ``TextStreamer`` writing to ``out`` (flushed at each piece of text),
-    noting the time of the first new token. The first ``put`` is the prompt."""
+    noting the time of the first new token and the new token ids. The first ``put`` is the
+    prompt."""
 
     def __init__(self, tokenizer, out: TextIO):
         from transformers import TextStreamer
@@ -222,11 +232,14 @@ class _Streamer:
                 out.flush()
 
             def put(self, value):
-                if not self.next_tokens_are_prompt and streamer.first_token_at is None:
-                    streamer.first_token_at = time.perf_counter()
+                if not self.next_tokens_are_prompt:
+                    if streamer.first_token_at is None:
+                        streamer.first_token_at = time.perf_counter()
+                    streamer.token_ids.extend(int(t) for t in value.reshape(-1).tolist())
                 super().put(value)
 
         self.first_token_at: float | None = None
+        self.token_ids: list[int] = []
         self.text = _Text(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
@@ -255,16 +268,24 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, greedy: bo
     else:
         kwargs.update(do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=0)
     start = time.perf_counter()
-    with torch.no_grad():
-        output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    end = time.perf_counter()
-    new = output[0, len(ids):].tolist()
-    first = streamer.first_token_at if streamer.first_token_at is not None else end
-    return GenerationStats(prompt_tokens=len(ids), new_tokens=len(new), prefill_s=first - start,
-                           decode_s=end - first, text=tokenizer.decode(new, skip_special_tokens=True),
-                           token_ids=new)
+
+    def stats(new: list[int], end: float) -> GenerationStats:
+        first = streamer.first_token_at if streamer.first_token_at is not None else end
+        return GenerationStats(prompt_tokens=len(ids), new_tokens=len(new), prefill_s=first - start,
+                               decode_s=end - first, text=tokenizer.decode(new, skip_special_tokens=True),
+                               token_ids=new)
+
+    try:
+        with torch.no_grad():
+            output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    except KeyboardInterrupt:
+        # What was produced stays: the streamer's held-back text is written and the line ended.
+        end = time.perf_counter()
+        streamer.text.end()
+        raise GenerationInterrupted(stats(list(streamer.token_ids), end)) from None
+    return stats(output[0, len(ids):].tolist(), time.perf_counter())
 
 
 def peak_memory(device: torch.device) -> str:
@@ -295,5 +316,5 @@ def example_model_dir() -> Path:
         raise GenerateError(str(err)) from None
 
 
-__all__ = ["DTYPES", "EXAMPLE_PROMPTS", "GenerateError", "GenerationStats", "apply_adapter", "example_model_dir",
+__all__ = ["DTYPES", "EXAMPLE_PROMPTS", "GenerateError", "GenerationInterrupted", "GenerationStats", "apply_adapter", "example_model_dir",
            "format_stats", "generate", "load_model", "load_tokenizer", "peak_memory", "prompt_ids", "stop_ids"]
