@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import sys
 from pathlib import Path
 
@@ -484,15 +483,13 @@ def generate_cmd(model, example, adapter, prompts, max_new_tokens, greedy, tempe
         click.echo(gen.peak_memory(dev), err=True)
     except gen.GenerateError as e:
         raise _Fail(str(e)) from None
-    except gen.GenerationInterrupted as e:  # Ctrl-C: the text so far stays, with its figures
-        click.echo(gen.format_stats(e.stats), err=True)
-        click.echo(gen.peak_memory(dev), err=True)
-        fail = _Fail(f"interrupted (SIGINT) after {e.stats.new_tokens} new tokens")
-        fail.exit_code = 128 + signal.SIGINT
-        raise fail from None
-    except KeyboardInterrupt:  # while loading, or between prompts
+    except KeyboardInterrupt as e:  # Ctrl-C; mid-generation the text so far stays, with its figures
         fail = _Fail("interrupted (SIGINT)")
-        fail.exit_code = 128 + signal.SIGINT
+        if isinstance(e, gen.GenerationInterrupted):
+            click.echo(gen.format_stats(e.stats), err=True)
+            click.echo(gen.peak_memory(dev), err=True)
+            fail = _Fail(f"interrupted (SIGINT) after {e.stats.new_tokens} new tokens")
+        fail.exit_code = outputs.exit_code_of(e)
         raise fail from None
 
 

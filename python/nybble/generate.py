@@ -316,5 +316,6 @@ def example_model_dir() -> Path:
         raise GenerateError(str(err)) from None
 
 
-__all__ = ["DTYPES", "EXAMPLE_PROMPTS", "GenerateError", "GenerationInterrupted", "GenerationStats", "apply_adapter", "example_model_dir",
-           "format_stats", "generate", "load_model", "load_tokenizer", "peak_memory", "prompt_ids", "stop_ids"]
+__all__ = ["DTYPES", "EXAMPLE_PROMPTS", "GenerateError", "GenerationInterrupted", "GenerationStats", "apply_adapter",
+           "example_model_dir", "format_stats", "generate", "load_model", "load_tokenizer", "peak_memory", "prompt_ids",
+           "stop_ids"]

@@ -239,7 +239,7 @@ def matmul_4bit_views(x, packed: np.ndarray, absmax: np.ndarray, n_out: int, n_i
     if not x.is_contiguous():
         x = x.contiguous()
     out = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype)
-    b = None if bias is None else np_view(_aligned_float32(bias.detach().to(x.dtype)))
+    b = None if bias is None else np_view(aligned_float32(bias.detach().to(x.dtype)))
     _core.matmul_4bit_tensor(x, out, packed, absmax, n_out, n_in, blocksize, quant_type, b, simd,
                              torch.get_num_threads())
     return out
@@ -293,17 +293,18 @@ def int8_linear(x, q_w, w_scale, bias, threshold, simd: str | None = None):
         raise ValueError(f"x has {x.shape[-1]} features, the int8 weight {n_in}")
     out = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype)
     # Every argument goes to the core as a tensor (no numpy views built per call).
-    x = _aligned_float32(x) if x.dtype == torch.float32 else x.contiguous()
-    b = None if bias is None else _aligned_float32(bias.detach())
-    _core.int8_linear_tensor(x, out, q_w.contiguous(), _aligned_float32(w_scale), n_out, n_in, float(threshold), b,
+    x = aligned_float32(x) if x.dtype == torch.float32 else x.contiguous()
+    b = None if bias is None else aligned_float32(bias.detach())
+    _core.int8_linear_tensor(x, out, q_w.contiguous(), aligned_float32(w_scale), n_out, n_in, float(threshold), b,
                              simd, torch.get_num_threads())
     return out
 
 
-def _aligned_float32(t: torch.Tensor) -> torch.Tensor:
+def aligned_float32(t: torch.Tensor) -> torch.Tensor:
     """``t`` as a contiguous float32 tensor at a 4-byte aligned address (the core reads it as
     ``&[f32]``): itself when it already is one, else a copy. Tensors read from a safetensors
-    file at an odd offset (a checkpoint's SCB, bias) can start anywhere."""
+    file at an odd offset (a checkpoint's SCB, absmax, bias) can start anywhere. The one
+    place for that rule: the modules' float32 constants are stored through it too."""
     if t.dtype != torch.float32:
         return t.float().contiguous()  # a new tensor: aligned
     if t.is_contiguous() and t.data_ptr() % 4 == 0:

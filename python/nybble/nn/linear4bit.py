@@ -27,13 +27,9 @@ def _storage_dtype(quant_storage) -> torch.dtype:
 
 
 def _f32_bits(t: torch.Tensor) -> torch.Tensor:
-    # float32 constants live in int32 buffers so module.to(dtype) cannot round them; in
-    # 4-byte aligned memory (the core reads them as f32 slices), which a tensor read from a
-    # file at an odd offset is not.
-    t = t.detach().to(torch.float32).contiguous()
-    if t.data_ptr() % 4:
-        t = t.clone()
-    return t.view(torch.int32)
+    # float32 constants live in int32 buffers so module.to(dtype) cannot round them, in
+    # aligned memory (the core reads them as f32 slices).
+    return _cpu.aligned_float32(t.detach()).view(torch.int32)
 
 
 def _version(t: torch.Tensor) -> int | None:

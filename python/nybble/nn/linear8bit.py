@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .. import formats, kernels
+from ..kernels import _cpu
 
 # State-dict keys under the module's prefix (nybble.formats spells the layout).
 _SCB, _WEIGHT_FORMAT = formats.SCB, formats.WEIGHT_FORMAT
@@ -89,9 +90,7 @@ class Linear8bitLt(nn.Module):
             return
         dev = w.device if self.weight.is_meta else self.weight.device  # meta-built: see Linear4bit
         self.weight = w.to(dev).contiguous()
-        # Its own storage: a tensor read from a file may start at an unaligned offset.
-        self.scb_bits = state_dict[prefix + _SCB].to(dev).float().clone(
-            memory_format=torch.contiguous_format).view(torch.int32)
+        self.scb_bits = _cpu.aligned_float32(state_dict[prefix + _SCB].to(dev)).view(torch.int32)
         if self.bias is not None:
             if prefix + "bias" in state_dict:
                 self.bias = nn.Parameter(state_dict[prefix + "bias"].to(dev).clone(), requires_grad=False)

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use crate::codebook::{check_sorted_codebook, QuantType4, FP4, NF4};
 use crate::element::{first_non_finite, Element};
 use crate::error::{check_blocksize, check_len, num_blocks, Error, Result};
-use crate::parallel::{for_tasks, Threads};
+use crate::parallel::{par_chunks2_mut, Threads};
 use crate::simd::SimdLevel;
 
 /// bitsandbytes clamps the divisor so an all-zero block scales to zeros instead of NaN.
@@ -766,45 +766,27 @@ pub fn quantize_4bit_into_on<T: Element>(
     let blocks_per_task = MIN_BLOCKS_PER_TASK.max((1 << 16) / blocksize);
     let task_elems = blocksize * blocks_per_task; // even: blocksizes are powers of two >= 32
     let bad = AtomicBool::new(false);
-    let (p_ptr, a_ptr) = (SendPtr(packed.as_mut_ptr()), SendPtr(absmax.as_mut_ptr()));
-    let (p_len, a_len) = (packed.len(), absmax.len());
-    for_tasks(threads, n.div_ceil(task_elems), &|t| {
-        let x0 = t * task_elems;
-        let xs = &x[x0..(x0 + task_elems).min(n)];
-        let (p0, a0) = (x0 / 2, t * blocks_per_task);
-        let p1 = (p0 + task_elems / 2).min(p_len);
-        let a1 = (a0 + blocks_per_task).min(a_len);
-        // SAFETY: task t owns bytes [p0, p1) of `packed` and entries [a0, a1) of `absmax`,
-        // disjoint from every other task's; both outlive `for_tasks`, which returns only
-        // when every task has finished.
-        let (ps, ams) = unsafe {
-            (
-                std::slice::from_raw_parts_mut(p_ptr.get().add(p0), p1 - p0),
-                std::slice::from_raw_parts_mut(a_ptr.get().add(a0), a1 - a0),
-            )
-        };
-        if quantize_blocks_4bit(xs, ps, ams, blocksize, &decider, n, a0, level) {
-            bad.store(true, Ordering::Relaxed);
-        }
-    });
+    // Task t: elements [t * task_elems, ..) of x, their packed bytes and their absmax.
+    par_chunks2_mut(
+        threads,
+        packed,
+        task_elems / 2,
+        absmax,
+        blocks_per_task,
+        |t, ps, ams| {
+            let x0 = t * task_elems;
+            let xs = &x[x0..(x0 + task_elems).min(n)];
+            let first_block = t * blocks_per_task;
+            if quantize_blocks_4bit(xs, ps, ams, blocksize, &decider, n, first_block, level) {
+                bad.store(true, Ordering::Relaxed);
+            }
+        },
+    );
     if bad.load(Ordering::Relaxed) {
         return Err(non_finite_error(x));
     }
     Ok(())
 }
-
-/// A raw pointer that tasks on other threads may use (each on its own disjoint range).
-struct SendPtr<T>(*mut T);
-
-impl<T> SendPtr<T> {
-    /// The pointer (a method, so closures capture the whole wrapper, not the raw field).
-    fn get(&self) -> *mut T {
-        self.0
-    }
-}
-
-// SAFETY: only used for disjoint per-task ranges (see `quantize_4bit_into_on`); T is Send.
-unsafe impl<T: Send> Sync for SendPtr<T> {}
 
 /// Block-wise 4-bit quantization (NF4 or FP4).
 pub fn quantize_4bit<T: Element>(

@@ -204,6 +204,40 @@ pub fn par_chunks_mut<T: Send>(
     });
 }
 
+/// `a.chunks_mut(a_chunk)` and `b.chunks_mut(b_chunk)` in lockstep: `f(index, a_part,
+/// b_part)` run as tasks of [`for_tasks`], one per chunk of `a`; `b`'s part is cut to its end
+/// (empty past it).
+pub fn par_chunks2_mut<A: Send, B: Send>(
+    threads: Threads,
+    a: &mut [A],
+    a_chunk: usize,
+    b: &mut [B],
+    b_chunk: usize,
+    f: impl Fn(usize, &mut [A], &mut [B]) + Sync,
+) {
+    let (a_chunk, b_chunk) = (a_chunk.max(1), b_chunk.max(1));
+    let n = a.len().div_ceil(a_chunk);
+    let (pa, pb) = (
+        SlicePtr(a.as_mut_ptr(), a.len()),
+        SlicePtr(b.as_mut_ptr(), b.len()),
+    );
+    let (pa, pb) = (&pa, &pb);
+    for_tasks(threads, n, &|i| {
+        let a0 = i * a_chunk;
+        let b0 = (i * b_chunk).min(pb.1);
+        let (alen, blen) = (a_chunk.min(pa.1 - a0), b_chunk.min(pb.1 - b0));
+        // SAFETY: task i owns elements [a0, a0 + alen) of `a` and [b0, b0 + blen) of `b`,
+        // disjoint from every other task's, inside slices that outlive `for_tasks`.
+        let (part_a, part_b) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(pa.0.add(a0), alen),
+                std::slice::from_raw_parts_mut(pb.0.add(b0), blen),
+            )
+        };
+        f(i, part_a, part_b)
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,6 +263,13 @@ mod tests {
                 }
             });
             assert!(v.iter().enumerate().all(|(i, &x)| x == i));
+            let (mut a, mut b) = (vec![0usize; 95], vec![0usize; 19]);
+            par_chunks2_mut(threads, &mut a, 10, &mut b, 2, |i, pa, pb| {
+                pa.iter_mut().for_each(|x| *x = i + 1);
+                pb.iter_mut().for_each(|x| *x = i + 1);
+            });
+            assert!(a.iter().enumerate().all(|(j, &x)| x == j / 10 + 1));
+            assert!(b.iter().enumerate().all(|(j, &x)| x == j / 2 + 1));
         }
         // From inside the pool: the caller is one of its workers.
         pool.install(|| {

@@ -1339,7 +1339,8 @@ fn adamw_step_8bit<'py>(
 // ---------------------------------------------------------------- fused CPU matmuls
 
 /// The SIMD level a kernel call runs (fused matmuls, quantize, dequantize): `simd` if given,
-/// else `NYBBLE_SIMD` (read at each call), else the best this CPU has. An unknown or unavailable level is a ValueError.
+/// else `NYBBLE_SIMD` (read at each call), else the best this CPU has. An unknown or
+/// unavailable level is a ValueError.
 fn requested_simd_level(simd: Option<&str>) -> PyResult<nybble_core::simd::SimdLevel> {
     let name = match simd {
         Some(s) => s.to_owned(),
@@ -1455,9 +1456,8 @@ fn parallel_backend() -> &'static str {
 
 /// Runs a fused matmul (or the 4-bit quantize) with the GIL released on the calling thread
 /// plus `threads` - 1 others: the OpenMP team when one is selected, else the workers of the
-/// rayon pool for `threads`,
-/// which join as they wake (no hand-off to a sleeping pool thread; see
-/// `nybble_core::parallel`). A panic becomes InternalError as in `run`.
+/// rayon pool for `threads`, which join as they wake (no hand-off to a sleeping pool thread;
+/// see `nybble_core::parallel`). A panic becomes InternalError as in `run`.
 fn run_fused<R: Send>(
     py: Python<'_>,
     threads: Option<usize>,
@@ -1589,8 +1589,13 @@ fn matmul_4bit<'py>(
     }))
 }
 
-/// The torch dtypes the fused kernels take, looked up once: float32, float16, bfloat16, int8.
+/// The torch dtypes the fused kernels take, looked up once: float32, float16, bfloat16, int8
+/// (indexed by the `TORCH_*` positions below).
 static TORCH_DTYPES: PyOnceLock<[Py<PyAny>; 4]> = PyOnceLock::new();
+const TORCH_FLOAT32: usize = 0;
+const TORCH_FLOAT16: usize = 1;
+const TORCH_BFLOAT16: usize = 2;
+const TORCH_INT8: usize = 3;
 
 fn torch_dtypes(py: Python<'_>) -> PyResult<&[Py<PyAny>; 4]> {
     TORCH_DTYPES.get_or_try_init(py, || -> PyResult<_> {
@@ -1638,11 +1643,11 @@ fn cpu_float_tensor(t: &Bound<'_, PyAny>, what: &str) -> PyResult<(usize, usize,
     let py = t.py();
     let dtypes = torch_dtypes(py)?;
     let dtype = t.getattr(intern!(py, "dtype"))?;
-    let dt = if dtype.is(&dtypes[0]) {
+    let dt = if dtype.is(&dtypes[TORCH_FLOAT32]) {
         FloatDtype::F32
-    } else if dtype.is(&dtypes[1]) {
+    } else if dtype.is(&dtypes[TORCH_FLOAT16]) {
         FloatDtype::F16
-    } else if dtype.is(&dtypes[2]) {
+    } else if dtype.is(&dtypes[TORCH_BFLOAT16]) {
         FloatDtype::BF16
     } else {
         return Err(PyValueError::new_err(format!(
@@ -1905,10 +1910,10 @@ fn int8_linear_tensor<'py>(
     threads: Option<usize>,
 ) -> PyResult<()> {
     let level = requested_simd_level(simd)?;
-    let (q_addr, q_len) = cpu_tensor_of(q_w, "q_w", 3, "int8", 1)?;
-    let (s_addr, s_len) = cpu_tensor_of(scb, "scb", 0, "float32", 4)?;
+    let (q_addr, q_len) = cpu_tensor_of(q_w, "q_w", TORCH_INT8, "int8", 1)?;
+    let (s_addr, s_len) = cpu_tensor_of(scb, "scb", TORCH_FLOAT32, "float32", 4)?;
     let bias_mem = match bias {
-        Some(b) => Some(cpu_tensor_of(b, "bias", 0, "float32", 4)?),
+        Some(b) => Some(cpu_tensor_of(b, "bias", TORCH_FLOAT32, "float32", 4)?),
         None => None,
     };
     let mut inputs = vec![(q_addr, q_len), (s_addr, s_len * 4)];
